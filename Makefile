@@ -1,0 +1,60 @@
+# Two commands on a fresh machine: `make pipeline` and `make test`. Each makes .venv when missing.
+PY      ?= python3
+VENV    ?= .venv
+PROFILE ?= edge-cpu
+RECIPE  ?= recipes/digits.yaml
+RESUME  ?= 0
+NPROC   ?= 1
+RUN     ?= runs/latest
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: pipeline test test-deps bench gate ship report render clean help
+
+help:
+	@echo "make pipeline [PROFILE=edge-cpu|server-gpu|jetson] [RECIPE=...] [RESUME=1] [NPROC=2]"
+	@echo "make test | make bench | make gate PROFILE=... | make ship PROFILE=... | make report"
+
+# Reinstall only when pyproject.toml changes; torch/torchvision are pinned there.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+pipeline: $(STAMP)
+	$(BIN)/pipeline run --profile $(PROFILE) --recipe $(RECIPE) --nproc $(NPROC) $(if $(filter 1,$(RESUME)),--resume,)
+
+# System tools the tests use for real: an OpenSSH server (shipping, device runner) and Chromium (report render).
+test-deps:
+	@missing=""; \
+	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
+	command -v ssh >/dev/null || missing="$$missing openssh-client"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) >/dev/null \
+	      || echo "warning: could not install$$missing; the tests that need them will skip with the reason"; \
+	  else echo "note:$$missing missing and not root: the tests that need them will skip with the reason"; fi; \
+	fi
+
+test: $(STAMP) test-deps
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m pipeline.bench --profile $(PROFILE)
+
+gate: $(STAMP)
+	$(BIN)/pipeline gate $(RUN) --profile $(PROFILE)
+
+ship: $(STAMP)
+	$(BIN)/pipeline ship $(RUN) --profile $(PROFILE)
+
+report: $(STAMP)
+	$(BIN)/pipeline report $(RUN)
+
+render: $(STAMP)
+	$(BIN)/python -m pipeline.render $(RUN)/report.html $(RUN)/report.png
+
+clean:
+	rm -rf runs bench-results

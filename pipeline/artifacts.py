@@ -1,0 +1,77 @@
+"""Artifacts: files a stage writes into the run directory, named by role, hashed with every sidecar file.
+
+torch 2.14's `torch.onnx.export` (dynamo) writes weights to `<name>.onnx.data` unless told otherwise, so a
+size or a hash of the .onnx file alone can be 1 % of the truth. `files()` follows the ONNX external-data
+references, and every size, hash and bundle goes through it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+
+class Artifact(BaseModel, extra="forbid"):
+    name: str                      # role and file name, e.g. "student.int8.onnx"
+    kind: Literal["torch", "onnx", "json"]
+    stage: str                     # the stage that wrote it
+    meta: dict[str, Any] = {}      # params, macs, precision, source artifact, accuracy ...
+    sha256: str = ""
+    size_bytes: int = 0
+
+
+Artifacts = dict[str, Artifact]
+
+
+def onnx_external_files(path: Path) -> list[Path]:
+    """Sidecar files referenced by an ONNX model's external-data initializers (weights not inside the .onnx)."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    found: dict[str, Path] = {}
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            loc = next(e.value for e in tensor.external_data if e.key == "location")
+            found[loc] = path.parent / loc
+    return list(found.values())
+
+
+def files(path: Path) -> list[Path]:
+    """The file and every sidecar it needs to load."""
+    path = Path(path)
+    if path.suffix == ".onnx" and path.exists():
+        return [path, *onnx_external_files(path)]
+    return [path]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(path: Path) -> tuple[str, int]:
+    """(sha256 over the file and its sidecars, total bytes)."""
+    parts = files(path)
+    if len(parts) == 1:
+        return sha256_file(parts[0]), parts[0].stat().st_size
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.name.encode() + b"\0" + sha256_file(p).encode())
+    return h.hexdigest(), sum(p.stat().st_size for p in parts)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())

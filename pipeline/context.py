@@ -1,0 +1,52 @@
+"""What a stage gets besides its inputs and its config: where to write, the recipe, the profile, the data."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+
+from .config import Profile, RecipeBase
+
+if TYPE_CHECKING:
+    from .data import Splits
+
+
+class StageError(Exception):
+    """A stage could not do its work; the message names the stage setting and the fix. Earlier artifacts stay."""
+
+
+@dataclass
+class Context:
+    run_dir: Path
+    recipe: RecipeBase
+    profile: Profile
+    console: Console = field(default_factory=Console)
+    debug: bool = False
+    results: dict[str, Any] = field(default_factory=dict)  # per-stage metrics, written to run.json
+    _splits: "Splits | None" = None
+
+    @property
+    def rank(self) -> int:
+        """Rank under torchrun; only rank 0 writes artifacts."""
+        return int(os.environ.get("RANK", "0"))
+
+    @property
+    def world_size(self) -> int:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    def path(self, name: str) -> Path:
+        return self.run_dir / name
+
+    def data(self) -> "Splits":
+        """Preprocessed splits, loaded once per process and shared by every stage."""
+        if self._splits is None:
+            from .data import load_splits
+            self._splits = load_splits(self.recipe.data, self.recipe.seed, self.run_dir)
+        return self._splits
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            self.console.print(msg)

@@ -1,0 +1,57 @@
+"""What machine and runtimes produced a number: stdlib only, optional packages probed by import."""
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from importlib import metadata
+
+INTERESTING_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16",
+                     "asimd", "asimddp", "fp16")
+
+
+def cpu_info() -> dict:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model", "Hardware") and model in ("", platform.machine(), "x86_64"):
+                    model = val.strip()
+                elif key in ("flags", "Features"):
+                    flags.update(val.split())
+    except OSError:
+        pass
+    return {"model": model, "arch": platform.machine(), "cores": os.cpu_count(),
+            "flags": sorted(f for f in INTERESTING_FLAGS if f in flags),
+            "vnni": bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)}
+
+
+def versions(*names: str) -> dict:
+    out = {"python": platform.python_version()}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def jetson_model() -> str | None:
+    """Jetsons expose the board name in the device tree."""
+    for p in ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model"):
+        try:
+            with open(p, "rb") as f:
+                return f.read().rstrip(b"\0").decode(errors="replace")
+        except OSError:
+            continue
+    return None
+
+
+def describe(kind: str) -> dict:
+    """`where` of a row: host or device, with the machine's name, CPU and runtime versions."""
+    import onnxruntime as ort
+    return {"kind": kind, "hostname": socket.gethostname(), "cpu": cpu_info(), "board": jetson_model(),
+            "os": f"{platform.system()} {platform.release()}",
+            "onnxruntime": ort.__version__, "ort_providers": ort.get_available_providers()}

@@ -1,0 +1,74 @@
+"""Knowledge-distillation losses. Each returns a per-sample loss; callers take the mean.
+
+Hinton et al. 2015: alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).
+The T^2 factor keeps the soft-target gradients on the same scale as the hard-label ones when T changes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def kl_soft(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+    """Per-sample KL(teacher_T || student_T), both sides as log-probabilities (numerically stable)."""
+    s = F.log_softmax(student_logits / T, dim=1)
+    t = F.log_softmax(teacher_logits / T, dim=1)
+    return F.kl_div(s, t, reduction="none", log_target=True).sum(dim=1)
+
+
+def hinton(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor, T: float,
+           alpha: float | torch.Tensor) -> torch.Tensor:
+    """Per-sample Hinton loss; alpha may be a per-sample tensor (see `dynamic_alpha`)."""
+    ce = F.cross_entropy(student_logits, y, reduction="none")
+    return alpha * T * T * kl_soft(student_logits, teacher_logits.detach(), T) + (1 - alpha) * ce
+
+
+def dynamic_alpha(teacher_logits: torch.Tensor, T: float, alpha: float) -> torch.Tensor:
+    """Per-sample alpha from the teacher's certainty.
+
+    Rule: certainty c_i = 1 - H(softmax(t_i/T)) / log(C), in [0, 1]. alpha_i = alpha * c_i / mean(c), clipped to
+    [0, 1]: the batch keeps alpha on average, the student follows the teacher more where the teacher is sure
+    and the labels more where it is not. With equal certainties alpha_i = alpha and the loss is `hinton`.
+    """
+    p = F.softmax(teacher_logits.detach() / T, dim=1)
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
+    certainty = 1 - entropy / math.log(teacher_logits.shape[1])
+    return (alpha * certainty / certainty.mean().clamp_min(1e-8)).clamp(0.0, 1.0)
+
+
+def feature_hint(student_feat: torch.Tensor, teacher_feat: torch.Tensor, adapter: torch.nn.Module) -> torch.Tensor:
+    """FitNets hint: per-sample MSE between the adapted student map and the teacher map (resized if needed)."""
+    s = adapter(student_feat)
+    t = teacher_feat.detach()
+    if s.shape[-2:] != t.shape[-2:]:
+        s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+    return ((s - t) ** 2).flatten(1).mean(dim=1)
+
+
+def ensemble_logits(teacher_logits: list[torch.Tensor], T: float) -> torch.Tensor:
+    """Average the teachers' soft targets at temperature T; returned as logits whose softmax(./T) is that average."""
+    probs = torch.stack([F.softmax(t / T, dim=1) for t in teacher_logits]).mean(0)
+    return T * torch.log(probs.clamp_min(1e-12))
+
+
+def fgsm(model: torch.nn.Module, x: torch.Tensor, target_logits: torch.Tensor, eps: float, T: float) -> torch.Tensor:
+    """One signed-gradient step that pushes the student away from the teacher (FGSM on the KD loss)."""
+    return pgd(model, x, target_logits, eps, T, steps=1, step_size=eps)
+
+
+def pgd(model: torch.nn.Module, x: torch.Tensor, target_logits: torch.Tensor, eps: float, T: float, steps: int,
+        step_size: float | None = None) -> torch.Tensor:
+    """Projected gradient ascent on KL(teacher || student) inside an L-inf ball of radius eps."""
+    step_size = step_size or 2.5 * eps / max(steps, 1)
+    was = model.training
+    model.eval()  # BN statistics must not move while crafting the attack
+    adv = x.detach().clone()
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        loss = kl_soft(model(adv), target_logits.detach(), T).sum()
+        (grad,) = torch.autograd.grad(loss, adv)
+        adv = (adv.detach() + step_size * grad.sign()).clamp(x - eps, x + eps)
+    model.train(was)
+    return adv.detach()

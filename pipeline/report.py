@@ -1,0 +1,205 @@
+"""report.json from a run directory, the recommended artifact, flags, and the Markdown table.
+
+Every figure carries how it was obtained; the table shows it with a suffix: no suffix = measured on the
+profile's target, `h` = measured on this host (not the target), `e` = estimated, `—` = skipped (see reasons).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+def _load(run_dir: Path, name: str) -> Any:
+    p = run_dir / name
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def noise_margin_ms(a: dict, b: dict | None = None, q: str = "p50") -> float:
+    """Twice the combined standard error of a percentile (1.2533·σ/√n for the median), floored at 2 % of it.
+
+    Two figures closer than this are a tie: a noisy machine must not flip a verdict.
+    """
+    def se(lat: dict) -> float:
+        return 1.2533 * lat["std"] / math.sqrt(max(lat["n"], 1))
+    err = se(a) ** 2 + (se(b) ** 2 if b else 0.0)
+    return max(2 * math.sqrt(err), 0.02 * a[q])
+
+
+def best_row(rows: list[dict], artifact: str, on_target: bool) -> dict | None:
+    cands = [r for r in rows if r["artifact"] == artifact and r["status"] == "measured"
+             and r.get("on_target", False) == on_target and r.get("batch") == 1]
+    return min(cands, key=lambda r: r["latency_ms"]["p50"]) if cands else None
+
+
+def build(run_dir: Path) -> dict:
+    run = _load(run_dir, "run.json")
+    bench = _load(run_dir, "benchmark.json")
+    profile = _load(run_dir, "profile.json")
+    recipe = _load(run_dir, "recipe.json")
+    stages = run.get("stages", {})
+    results = {k: v.get("results", {}) for k, v in stages.items()}
+    outputs = {n: o for v in stages.values() for n, o in v.get("outputs", {}).items()}
+    rows = bench.get("rows", [])
+    teacher_acc = next((r["accuracy"] for r in rows if r.get("role") == "teacher" and r.get("accuracy") is not None
+                        and r["status"] == "measured"), None)
+    for r in rows:
+        meta = outputs.get(r["artifact"], {}).get("meta", {})
+        r["predecessor"] = meta.get("predecessor")
+        if r.get("accuracy") is not None and teacher_acc is not None:
+            r["delta_vs_teacher"] = r["accuracy"] - teacher_acc
+    report = {
+        "schema_version": SCHEMA_VERSION, "run_id": run.get("run_id", run_dir.name), "created": run.get("created"),
+        "recipe": {"name": recipe.get("name"), "path": run.get("recipe", {}).get("path")},
+        "profile": {k: profile.get(k) for k in ("name", "description", "target", "hardware", "budgets")},
+        "environment": {**bench.get("where_host", {}), "versions": _versions()},
+        "teacher": {k: v for k, v in results.get("teacher", {}).items() if k != "history"},
+        "distill": {k: v for k, v in results.get("distill", {}).items() if not k.startswith("history")},
+        "prune": results.get("prune", {}), "quantize": results.get("quantize", {}),
+        "stages": [{"name": k, "status": v.get("status"), "duration_s": v.get("duration_s"),
+                    "reused": v.get("reused", False)} for k, v in stages.items()],
+        "rows": rows, "notes": list(bench.get("notes", [])), "meter": bench.get("meter"),
+        "allowance": recipe.get("max_accuracy_drop_per_stage", 0.01),
+    }
+    report["flags"] = flags(report)
+    report["recommended"] = recommend(report)
+    return report
+
+
+def _versions() -> dict:
+    from .device.envinfo import versions
+    return versions("torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "torch-pruning", "numpy")
+
+
+def flags(report: dict) -> list[dict]:
+    """Stages that are not faster than their predecessor beyond noise, or lose more accuracy than allowed."""
+    out = []
+    rows = report["rows"]
+    for r in rows:
+        pred = r.get("predecessor")
+        if r["status"] != "measured" or not pred:
+            continue
+        p = next((q for q in rows if q["artifact"] == pred and q["provider"] == r["provider"]
+                  and q["where"].get("hostname") == r["where"].get("hostname") and q["status"] == "measured"), None)
+        if p is None:
+            continue
+        margin = noise_margin_ms(r["latency_ms"], p["latency_ms"])
+        if r["latency_ms"]["p50"] > p["latency_ms"]["p50"] - margin:
+            out.append({"artifact": r["artifact"], "provider": r["provider"], "kind": "not_faster",
+                        "detail": f"p50 {r['latency_ms']['p50']:.4f} ms vs {pred} {p['latency_ms']['p50']:.4f} ms "
+                                  f"(noise margin {margin:.4f} ms): not faster than its predecessor"})
+        if r.get("accuracy") is not None and p.get("accuracy") is not None \
+                and p["accuracy"] - r["accuracy"] > report["allowance"]:
+            out.append({"artifact": r["artifact"], "provider": r["provider"], "kind": "accuracy_drop",
+                        "detail": f"accuracy {r['accuracy']:.4f} vs {pred} {p['accuracy']:.4f}: drop over the "
+                                  f"recipe's allowance of {report['allowance']}"})
+    return out
+
+
+def recommend(report: dict) -> dict | None:
+    """The fastest (then smallest) student artifact that meets the budgets and was not flagged slower."""
+    b = report["profile"].get("budgets") or {}
+    rows = report["rows"]
+    slow = {f["artifact"] for f in report["flags"] if f["kind"] in ("not_faster", "accuracy_drop")}
+    best = None
+    for art in sorted({r["artifact"] for r in rows}):
+        role = next(r.get("role") for r in rows if r["artifact"] == art)
+        if role in ("teacher", "student-scratch") or art in slow:
+            continue
+        row = best_row(rows, art, True)
+        basis = "target"
+        if row is None:
+            row, basis = best_row(rows, art, False), "host (no measurement on the target)"
+        acc_row = row or next((r for r in rows if r["artifact"] == art and r.get("accuracy") is not None), None)
+        if acc_row is None or acc_row.get("accuracy") is None:
+            continue
+        misses = _misses(b, acc_row, row, basis == "target")
+        if misses:
+            continue
+        key = (row["latency_ms"]["p50"] if row else math.inf, acc_row.get("size_bytes") or 0)
+        if best is None or key < best[0]:
+            best = (key, {"artifact": art, "basis": basis, "p50_ms": row["latency_ms"]["p50"] if row else None,
+                          "accuracy": acc_row["accuracy"], "size_bytes": acc_row.get("size_bytes")})
+    return best[1] if best else None
+
+
+def _misses(b: dict, acc_row: dict, lat_row: dict | None, on_target: bool) -> list[str]:
+    m = []
+    if b.get("min_accuracy") is not None and acc_row["accuracy"] < b["min_accuracy"]:
+        m.append("min_accuracy")
+    if b.get("max_accuracy_drop") is not None and acc_row.get("delta_vs_teacher") is not None \
+            and -acc_row["delta_vs_teacher"] > b["max_accuracy_drop"]:
+        m.append("max_accuracy_drop")
+    if b.get("max_size_mb") is not None and (acc_row.get("size_bytes") or 0) > b["max_size_mb"] * 1e6:
+        m.append("max_size_mb")
+    if on_target and lat_row and b.get("p95_latency_ms") is not None \
+            and lat_row["latency_ms"]["p95"] > b["p95_latency_ms"]:
+        m.append("p95_latency_ms")
+    return m
+
+
+# ---------------------------------------------------------------- rendering
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _label(r: dict) -> str:
+    if r["status"] == "estimated":
+        return "e"
+    return "" if r.get("on_target") else "h"
+
+
+def table_rows(report: dict) -> list[list[str]]:
+    out = []
+    for r in report["rows"]:
+        lat, tag = r.get("latency_ms") or {}, _label(r)
+        where = r["where"].get("hostname") or r["where"].get("target", "")
+        if r["status"] == "skipped":
+            p50 = p95 = thr = energy = "—"
+        elif r["status"] == "estimated":
+            p50, p95, thr = f"≥{lat['lower_bound']:.4f}e", "—", "—"
+            energy = f"{_fmt(r.get('energy_mj'), 4)}e"
+        else:
+            p50, p95 = f"{lat['p50']:.4f}{tag}", f"{lat['p95']:.4f}{tag}"
+            thr = f"{r['throughput'].get('1', 0):.0f}{tag}"
+            src = r.get("energy_source", "")
+            energy = "—" if r.get("energy_mj") is None else f"{r['energy_mj']:.4f}{'e' if src.startswith('estimated') else tag}"
+        size = r.get("size_bytes")
+        out.append([r["artifact"], r["precision"], f"{r['backend']}/{r['provider'].replace('ExecutionProvider', '')}",
+                    f"{r['where']['kind']}:{where}", "—" if size is None else f"{size / 1024:.1f}",
+                    "—" if r.get("params") is None else f"{r['params']:,}",
+                    "—" if r.get("macs") is None else f"{r['macs']:,}",
+                    _fmt(r.get("accuracy"), 4), _fmt(r.get("delta_vs_teacher"), 4), p50, p95, thr, energy,
+                    r["status"] + (f": {r['reason']}" if r.get("reason") else "")])
+    return out
+
+
+HEADER = ["artifact", "prec", "backend/provider", "where", "KiB", "params", "MACs", "acc", "Δ teacher",
+          "p50 ms", "p95 ms", "img/s b1", "mJ/inf", "status"]
+
+
+def render_md(report: dict) -> str:
+    lines = [f"# Report {report['run_id']}", "",
+             f"Recipe `{report['recipe']['name']}`, profile `{report['profile']['name']}` "
+             f"(target: {report['profile']['target']['name']}).", "",
+             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in table_rows(report)]
+    lines += ["", "Suffixes: none = measured on the profile's target; `h` = measured on this host, not the target; "
+                  "`e` = estimated (formula in report.json); `—` = skipped or not applicable.", ""]
+    d = report.get("distill") or {}
+    if d:
+        gap = d.get("gap_closed")
+        lines.append(f"Distillation ({d.get('method')}): teacher {_fmt(d.get('acc_teacher'), 4)}, KD student "
+                     f"{_fmt(d.get('acc_kd'), 4)}, scratch student {_fmt(d.get('acc_scratch'), 4)}, gap closed "
+                     f"{_fmt(gap, 2)} (PyTorch, test split).")
+    rec = report.get("recommended")
+    lines.append(f"Recommended artifact: `{rec['artifact']}` (basis: {rec['basis']})." if rec
+                 else "Recommended artifact: none meets the profile's budgets.")
+    for f in report.get("flags", []):
+        lines.append(f"- flag {f['kind']}: `{f['artifact']}` on {f['provider']}: {f['detail']}")
+    for n in report.get("notes", []):
+        lines.append(f"- note: {n}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,162 @@
+"""The runner: owns stage order, the run directory, caching and resume. Stages know none of this.
+
+run.json records, per stage: status, the effective config, a cache key (config + content hashes of the
+input artifacts), the outputs with their hashes, metrics, duration and the error if it failed. A rerun with
+`--resume` skips a stage whose key is unchanged and whose outputs are still on disk with the same hashes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import traceback
+from datetime import datetime, timezone
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from .artifacts import Artifact, Artifacts, atomic_write_text, fingerprint
+from .config import STAGES, ConfigError, Profile, RecipeBase
+from .context import Context, StageError
+
+RUN_SCHEMA = 1
+
+
+def stage_module(name: str):
+    return import_module(f"stages.{name}")
+
+
+def new_run_dir(runs_dir: Path, profile: Profile, recipe: RecipeBase) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_dir = runs_dir / f"{stamp}-{recipe.name}-{profile.name}"
+    n = 1
+    while run_dir.exists():
+        n += 1
+        run_dir = runs_dir / f"{stamp}-{recipe.name}-{profile.name}-{n}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def latest_run(runs_dir: Path) -> Path:
+    link = runs_dir / "latest"
+    if not link.exists():
+        raise ConfigError(f"No run to resume in {runs_dir}/: start one with `pipeline run` (or `make pipeline`).")
+    return link.resolve()
+
+
+def _point_latest(runs_dir: Path, run_dir: Path) -> None:
+    link = runs_dir / "latest"
+    tmp = runs_dir / f".latest-{time.time_ns()}"
+    tmp.symlink_to(run_dir.name)
+    tmp.replace(link)
+
+
+def _key(name: str, cfg: Any, recipe: RecipeBase, profile: Profile, inputs: Artifacts) -> str:
+    payload = {
+        "stage": name,
+        "config": cfg.model_dump(mode="json"),
+        "recipe": recipe.model_dump(mode="json", include={"seed", "data", "models", "max_accuracy_drop_per_stage"}),
+        "inputs": {k: a.sha256 for k, a in sorted(inputs.items())},
+    }
+    if getattr(stage_module(name), "USES_PROFILE", False):
+        payload["profile"] = profile.model_dump(mode="json", exclude={"description", "device"})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _still_valid(run_dir: Path, outputs: dict[str, dict]) -> bool:
+    for rec in outputs.values():
+        path = run_dir / rec["name"]
+        if not path.exists() or fingerprint(path)[0] != rec["sha256"]:
+            return False
+    return True
+
+
+class Runner:
+    def __init__(self, run_dir: Path, recipe: RecipeBase, profile: Profile, *, recipe_path: Path,
+                 console: Console | None = None, debug: bool = False, nproc: int = 1):
+        self.run_dir = run_dir
+        self.ctx = Context(run_dir=run_dir, recipe=recipe, profile=profile, console=console or Console(),
+                           debug=debug)
+        self.ctx.results["nproc"] = nproc
+        self.nproc = nproc
+        self.record_path = run_dir / "run.json"
+        prior = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
+        self.record: dict[str, Any] = {
+            "schema": RUN_SCHEMA,
+            "run_id": run_dir.name,
+            "created": prior.get("created", datetime.now(timezone.utc).isoformat(timespec="seconds")),
+            "recipe": {"name": recipe.name, "path": str(recipe_path)},
+            "profile": profile.name,
+            "stages": prior.get("stages", {}),
+        }
+
+    def _save(self) -> None:
+        atomic_write_text(self.record_path, json.dumps(self.record, indent=2, default=str))
+
+    def run(self, resume: bool = False, until: str | None = None) -> Artifacts:
+        ctx, artifacts = self.ctx, {}
+        (self.run_dir / "recipe.json").write_text(ctx.recipe.model_dump_json(indent=2))
+        (self.run_dir / "profile.json").write_text(ctx.profile.model_dump_json(indent=2))
+        for name in STAGES:
+            mod = stage_module(name)
+            cfg = getattr(ctx.recipe, name)
+            if not getattr(cfg, "enabled", True):
+                self.record["stages"][name] = {"status": "disabled", "config": cfg.model_dump(mode="json")}
+                self._save()
+                ctx.log(f"[dim]· {name}: disabled in the recipe[/]")
+                continue
+            key = _key(name, cfg, ctx.recipe, ctx.profile, artifacts)
+            prev = self.record["stages"].get(name, {})
+            if resume and prev.get("status") == "ok" and prev.get("key") == key \
+                    and _still_valid(self.run_dir, prev.get("outputs", {})):
+                outputs = {k: Artifact.model_validate(v) for k, v in prev["outputs"].items()}
+                artifacts.update(outputs)
+                ctx.results[name] = prev.get("results", {})
+                prev["reused"] = True
+                self._save()
+                ctx.log(f"[green]✓ {name}[/]: unchanged, reused ({len(outputs)} artifacts)")
+                continue
+            artifacts.update(self._run_stage(name, mod, cfg, key, artifacts))
+            if name == until:
+                break
+        return artifacts
+
+    def _run_stage(self, name: str, mod, cfg: Any, key: str, inputs: Artifacts) -> Artifacts:
+        ctx = self.ctx
+        rec: dict[str, Any] = {"status": "running", "config": cfg.model_dump(mode="json"), "key": key,
+                               "inputs": {k: a.sha256 for k, a in inputs.items()},
+                               "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self.record["stages"][name] = rec
+        self._save()
+        ctx.log(f"[bold cyan]▶ {name}[/]")
+        t0 = time.perf_counter()
+        try:
+            outputs = mod.run(dict(inputs), cfg, ctx)
+            for art in outputs.values():
+                art.sha256, art.size_bytes = fingerprint(self.run_dir / art.name)
+        except Exception as e:  # recorded, then re-raised: the CLI decides how loud to be
+            rec.update(status="failed", duration_s=round(time.perf_counter() - t0, 2),
+                       error=f"{type(e).__name__}: {e}")
+            if not isinstance(e, (StageError, ConfigError)):
+                rec["traceback"] = traceback.format_exc()
+            self._save()
+            raise
+        rec.update(status="ok", duration_s=round(time.perf_counter() - t0, 2),
+                   outputs={k: a.model_dump(mode="json") for k, a in outputs.items()},
+                   results=ctx.results.get(name, {}))
+        self._save()
+        ctx.log(f"[green]✓ {name}[/] in {rec['duration_s']:.1f} s")
+        return outputs
+
+
+def run_pipeline(recipe: RecipeBase, profile: Profile, *, recipe_path: Path, runs_dir: Path = Path("runs"),
+                 resume: bool = False, console: Console | None = None, debug: bool = False,
+                 nproc: int = 1) -> Path:
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = latest_run(runs_dir) if resume else new_run_dir(runs_dir, profile, recipe)
+    _point_latest(runs_dir, run_dir)
+    Runner(run_dir, recipe, profile, recipe_path=recipe_path, console=console, debug=debug,
+           nproc=nproc).run(resume=resume)
+    return run_dir

@@ -1,0 +1,154 @@
+"""benchmark: every ONNX artifact on every provider the profile asks for, on the host and on the target.
+
+Rows are measured, estimated or skipped, each figure with how it was obtained. A provider that is missing
+or falls back to CPU gives a skipped row with the reason, never a CPU number under a GPU label.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from pydantic import BaseModel, Field
+
+from pipeline import estimate
+from pipeline.artifacts import Artifact, Artifacts, atomic_write_text
+from pipeline.context import Context
+from pipeline.device import energy as energy_mod
+from pipeline.device import envinfo
+from pipeline.device.measure import BenchSettings, ModelEntry, measure, predictions
+from pipeline.device.ortbench import CPU
+
+USES_PROFILE = True
+NOT_ON_TARGET = "not measured on the target: set PIPELINE_DEVICE to benchmark on the device"
+
+
+class Config(BaseModel, extra="forbid"):
+    warmup: int = Field(20, ge=1, description="untimed runs first; the first one is reported as first_run_ms")
+    min_runs: int = Field(200, ge=10, description="timed runs per session at least")
+    min_duration_s: float = Field(1.0, ge=0, description="timed work per session at least")
+    max_duration_s: float = Field(60.0, gt=0, description="cap on the interleaved timing loop")
+    throughput_duration_s: float = Field(0.3, gt=0)
+    energy_window_s: float = Field(1.0, gt=0, description="meters update slowly; a shorter window is noise")
+    host_reference: bool = Field(True, description="also time on this host's CPU, labelled host, when the "
+                                                   "profile targets something else")
+
+
+def settings(cfg: Config, ctx: Context) -> BenchSettings:
+    t = ctx.profile.target
+    return BenchSettings(cfg.warmup, cfg.min_runs, cfg.min_duration_s, cfg.max_duration_s,
+                         cfg.throughput_duration_s, cfg.energy_window_s, list(t.threads), list(t.batch_sizes))
+
+
+def entries(inputs: Artifacts, ctx: Context) -> list[ModelEntry]:
+    return [ModelEntry(a.name, ctx.path(a.name), a.meta.get("precision", "fp32"),
+                       {**a.meta, "size_bytes": a.size_bytes, "stage": a.stage})
+            for a in inputs.values() if a.kind == "onnx"]
+
+
+def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
+    """Measure on the host, on the device if one is named, estimate the target where nothing measured it."""
+    # 1) what to measure, and the references for agreement
+    data, profile = ctx.data(), ctx.profile
+    models = entries(inputs, ctx)
+    teacher = next((m for m in models if m.meta.get("role") == "teacher"), None)
+    refs = {"teacher": predictions(teacher.path, data.x_test)} if teacher else {}
+    # 2) host rows: the profile's providers, plus this CPU as a labelled reference
+    providers = list(profile.target.providers)
+    if cfg.host_reference and CPU not in providers:
+        providers.append(CPU)
+    where = envinfo.describe("host")
+    meter, meter_reasons = energy_mod.pick_meter()
+    rows = measure(models, providers, settings(cfg, ctx), data.x_test, data.y_test, refs, where, meter=meter,
+                   no_meter_energy=_host_energy(ctx), cache_dir=ctx.path("trt-cache"), log=ctx.log)
+    _add_source_agreement(rows, models, data.x_test)
+    # 3) native TensorRT (trtexec) where the profile wants it
+    if profile.target.tensorrt:
+        rows += _tensorrt_rows(models, ctx, where)
+    # 4) the device over SSH, when one is named
+    notes: list[str] = []
+    device = os.environ.get("PIPELINE_DEVICE") or profile.device
+    if device:
+        from pipeline.remote import remote_rows
+        rows += remote_rows(device, models, data, refs, settings(cfg, ctx), ctx)
+    for r in rows:
+        r["on_target"] = _on_target(r, profile.target.kind)
+    # 5) estimates where the target has no measurement
+    measured_on_target = {r["artifact"] for r in rows if r["on_target"] and r["status"] == "measured"}
+    if profile.target.kind != "cpu":
+        for m in models:
+            if m.name not in measured_on_target:
+                rows.append(_estimate_row(m, ctx))
+        if not device:
+            notes.append(NOT_ON_TARGET)
+    if meter is None:
+        notes.append("no energy meter on this host: " + "; ".join(meter_reasons))
+    # 6) write
+    out = {"where_host": where, "meter": getattr(meter, "name", None), "notes": notes, "rows": rows,
+           "settings": cfg.model_dump(), "profile": profile.name}
+    atomic_write_text(ctx.path("benchmark.json"), json.dumps(out, indent=2, default=float))
+    ctx.results["benchmark"] = {"rows": len(rows), "notes": notes}
+    return {"benchmark.json": Artifact(name="benchmark.json", kind="json", stage="benchmark")}
+
+
+def _on_target(row: dict, kind: str) -> bool:
+    """Does this row measure the profile's target? A host CPU row is never a Jetson or GPU number."""
+    if row["status"] != "measured":
+        return False
+    gpu = row["provider"] != CPU or row["backend"] == "tensorrt"
+    if kind == "cpu":
+        return not gpu
+    if kind == "gpu":
+        return gpu
+    return row["where"]["kind"] == "device"
+
+
+def _host_energy(ctx: Context):
+    kind, power = ctx.profile.target.kind, ctx.profile.hardware.power_w
+
+    def fallback(p50_ms: float) -> tuple[float | None, str]:
+        if kind == "cpu":
+            return estimate.energy(power, p50_ms, "measured p50 latency on this host")
+        return None, (f"skipped: no energy meter on this host, and the profile's {power} W describes the "
+                      f"{ctx.profile.target.name}, not this machine")
+    return fallback
+
+
+def _add_source_agreement(rows: list[dict], models: list[ModelEntry], x) -> None:
+    """A quantized model's agreement with its FP32 source, and the max/mean |diff| of their outputs."""
+    from pipeline.device.ortbench import CPU as cpu, logits, open_session
+    by = {m.name: m for m in models}
+    cache: dict[str, object] = {}
+    for r in rows:
+        src = by[r["artifact"]].meta.get("source_onnx")
+        if r["status"] != "measured" or not src or src not in by or r["provider"] != cpu:
+            continue
+        for n in (src, r["artifact"]):
+            if n not in cache:
+                cache[n] = logits(open_session(by[n].path, cpu, threads=0), x)
+        a, b = cache[src], cache[r["artifact"]]
+        r["agreement"]["source"] = float((a.argmax(1) == b.argmax(1)).mean())
+        r["output_diff_vs_source"] = {"source": src, "max_abs": float(abs(a - b).max()),
+                                      "mean_abs": float(abs(a - b).mean())}
+
+
+def _tensorrt_rows(models: list[ModelEntry], ctx: Context, where: dict) -> list[dict]:
+    from pipeline.device import trtexec
+    from pipeline.device.measure import skipped
+    ok, reason = trtexec.trt_status()
+    if not ok:
+        return [skipped(m, "trtexec", where, reason, backend="tensorrt") for m in models]
+    from pipeline.trt_bench import trtexec_rows
+    return trtexec_rows(models, ctx, where)
+
+
+def _estimate_row(m: ModelEntry, ctx: Context) -> dict:
+    from pipeline.device.measure import base_row
+    hw, shape = ctx.profile.hardware, ctx.data().input_shape
+    io = 4 * (int.__mul__(*shape[1:]) * shape[0] + ctx.data().num_classes)
+    ms, formula = estimate.roofline(m.meta.get("macs") or 0, m.meta["size_bytes"], io, m.precision, hw)
+    mj, eformula = estimate.energy(hw.power_w, ms, "roofline lower bound")
+    return {**base_row(m, ctx.profile.target.providers[0], {"kind": "estimate", "target": ctx.profile.target.name}),
+            "status": "estimated", "batch": 1, "latency_ms": {"lower_bound": ms}, "latency_source": formula,
+            "energy_mj": mj, "energy_source": eformula, "accuracy": None,
+            "accuracy_source": "see the measured rows of this artifact: accuracy does not depend on the device "
+                               "for FP32, but was not measured on the target"}

@@ -1,0 +1,69 @@
+"""export: every PyTorch artifact to ONNX (dynamo exporter, pinned opset, dynamic batch), checked for parity."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from pipeline import models
+from pipeline.artifacts import Artifact, Artifacts
+from pipeline.context import Context, StageError
+from pipeline.device.ortbench import CPU, logits, open_session
+from pipeline.train import predict
+
+
+class Config(BaseModel, extra="forbid"):
+    opset: int = Field(18, ge=18, description="pinned; the torch.export-based exporter starts at 18")
+    atol: float = Field(1e-4, gt=0, description="max |torch - onnxruntime| allowed, on logits")
+    rtol: float = Field(1e-3, ge=0)
+    parity_samples: int = Field(64, gt=0, description="test images run through both")
+    external_data: bool = Field(False, description="weights in <name>.onnx.data (needed past 2 GB)")
+
+
+def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
+    """Export each torch model, check the graph, compare onnxruntime with PyTorch on the same inputs."""
+    data = ctx.data()
+    x = data.x_test[: cfg.parity_samples]
+    out: Artifacts = {}
+    for name, art in inputs.items():
+        if art.kind != "torch":
+            continue
+        # 1) load  2) export  3) check graph  4) parity on the same inputs
+        model = models.load(ctx.path(name), art.meta)
+        onnx_name = name.removesuffix(".pt") + ".onnx"
+        path = ctx.path(onnx_name)
+        torch2onnx(model, path, data.input_shape, cfg)
+        expected = predict(model, x)
+        got = logits(open_session(path, CPU, threads=0), x)
+        diff = np.abs(got - expected)
+        parity = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "atol": cfg.atol, "rtol": cfg.rtol,
+                  "samples": len(x), "argmax_agree": float((got.argmax(1) == expected.argmax(1)).mean())}
+        if not np.allclose(got, expected, atol=cfg.atol, rtol=cfg.rtol):
+            raise StageError(f"export: {onnx_name} differs from PyTorch beyond atol={cfg.atol}, rtol={cfg.rtol} "
+                             f"(max |diff| {parity['max_abs']:.3g}). The graph is kept at {path} for inspection; "
+                             f"raise export.atol only if the difference is understood.")
+        ctx.log(f"  {onnx_name}: parity max |diff| {parity['max_abs']:.2e} on {len(x)} test images")
+        meta = {k: v for k, v in art.meta.items() if k in ("role", "params", "macs", "test_acc")}
+        out[onnx_name] = Artifact(name=onnx_name, kind="onnx", stage="export", meta={
+            **meta, "precision": "fp32", "source": name, "source_stage": art.stage, "opset": cfg.opset,
+            "parity_vs_torch": parity})
+    ctx.results["export"] = {k: a.meta["parity_vs_torch"] for k, a in out.items()}
+    return out
+
+
+def torch2onnx(model: torch.nn.Module, path, input_shape: tuple[int, ...], cfg: Config) -> None:
+    import onnx
+    model = model.eval()
+    example = (torch.randn(2, *input_shape),)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, example, str(path), input_names=["input"], output_names=["logits"],
+                              opset_version=cfg.opset, dynamic_shapes=({0: batch},),
+                              external_data=cfg.external_data, verbose=False)
+        except Exception as e:
+            raise StageError(f"export: torch.onnx.export failed for {path.name}: {str(e).splitlines()[0]}") from e
+    onnx.checker.check_model(str(path), full_check=True)

@@ -1,0 +1,30 @@
+"""report: report.json and report.md from the run directory (and report.html when rendering is on)."""
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel, Field
+
+from pipeline import report as rep
+from pipeline.artifacts import Artifact, Artifacts, atomic_write_text
+from pipeline.context import Context
+
+USES_PROFILE = True
+
+
+class Config(BaseModel, extra="forbid"):
+    html: bool = Field(True, description="also write report.html with embedded SVG plots")
+
+
+def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
+    """Collect every stage's record and the benchmark rows into one report; render it."""
+    report = rep.build(ctx.run_dir)
+    atomic_write_text(ctx.path("report.json"), json.dumps(report, indent=2, default=float))
+    atomic_write_text(ctx.path("report.md"), rep.render_md(report))
+    out = {n: Artifact(name=n, kind="json", stage="report") for n in ("report.json", "report.md")}
+    if cfg.html:
+        from pipeline import html
+        atomic_write_text(ctx.path("report.html"), html.render(report))
+        out["report.html"] = Artifact(name="report.html", kind="json", stage="report")
+    ctx.results["report"] = {"recommended": report["recommended"]}
+    return out
