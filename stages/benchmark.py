@@ -14,8 +14,8 @@ from pipeline import estimate
 from pipeline.artifacts import Artifact, Artifacts, atomic_write_text
 from pipeline.context import Context
 from pipeline.device import energy as energy_mod
-from pipeline.device import envinfo
-from pipeline.device.measure import BenchSettings, ModelEntry, measure, predictions
+from pipeline.device import envinfo, trtbench
+from pipeline.device.measure import BenchSettings, ModelEntry, measure, meter_kinds, predictions
 from pipeline.device.ortbench import CPU
 
 USES_PROFILE = True
@@ -57,13 +57,13 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     if cfg.host_reference and CPU not in providers:
         providers.append(CPU)
     where = envinfo.describe("host")
-    meter, meter_reasons = energy_mod.pick_meter()
+    meter, meter_reasons = energy_mod.pick_meter(kinds=meter_kinds(where))
     rows = measure(models, providers, settings(cfg, ctx), data.x_test, data.y_test, refs, where, meter=meter,
                    no_meter_energy=_host_energy(ctx), cache_dir=ctx.path("trt-cache"), log=ctx.log)
     _add_source_agreement(rows, models, data.x_test)
     # 3) native TensorRT (trtexec) where the profile wants it
     if profile.target.tensorrt:
-        rows += _tensorrt_rows(models, ctx, where)
+        rows += trtbench.rows(models, where, "input", list(data.input_shape), ctx.path("trt-cache"), log=ctx.log)
     # 4) the device over SSH, when one is named
     notes: list[str] = []
     device = os.environ.get("PIPELINE_DEVICE") or profile.device
@@ -71,7 +71,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
         from pipeline.remote import remote_rows
         rows += remote_rows(device, models, data, refs, settings(cfg, ctx), ctx)
     for r in rows:
-        r["on_target"] = _on_target(r, profile.target.kind)
+        r["on_target"] = _on_target(r, profile.target, device_named=bool(device))
     # 5) estimates where the target has no measurement
     measured_on_target = {r["artifact"] for r in rows if r["on_target"] and r["status"] == "measured"}
     if profile.target.kind != "cpu":
@@ -90,16 +90,18 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     return {"benchmark.json": Artifact(name="benchmark.json", kind="json", stage="benchmark")}
 
 
-def _on_target(row: dict, kind: str) -> bool:
-    """Does this row measure the profile's target? A host CPU row is never a Jetson or GPU number."""
+def _on_target(row: dict, target, device_named: bool) -> bool:
+    """Does this row measure the profile's target? A host CPU row is never a Jetson or GPU number.
+
+    It must be measured, with a provider the profile asks for (or native TensorRT when it asks for that),
+    and on the device itself when one is named (always, for a Jetson).
+    """
     if row["status"] != "measured":
         return False
-    gpu = row["provider"] != CPU or row["backend"] == "tensorrt"
-    if kind == "cpu":
-        return not gpu
-    if kind == "gpu":
-        return gpu
-    return row["where"]["kind"] == "device"
+    asked = row["provider"] in target.providers or (row["backend"] == "tensorrt" and target.tensorrt)
+    if target.kind == "jetson" or device_named:
+        return asked and row["where"]["kind"] == "device"
+    return asked
 
 
 def _host_energy(ctx: Context):
@@ -131,16 +133,6 @@ def _add_source_agreement(rows: list[dict], models: list[ModelEntry], x) -> None
                                       "mean_abs": float(abs(a - b).mean())}
 
 
-def _tensorrt_rows(models: list[ModelEntry], ctx: Context, where: dict) -> list[dict]:
-    from pipeline.device import trtexec
-    from pipeline.device.measure import skipped
-    ok, reason = trtexec.trt_status()
-    if not ok:
-        return [skipped(m, "trtexec", where, reason, backend="tensorrt") for m in models]
-    from pipeline.trt_bench import trtexec_rows
-    return trtexec_rows(models, ctx, where)
-
-
 def _estimate_row(m: ModelEntry, ctx: Context) -> dict:
     from pipeline.device.measure import base_row
     hw, shape = ctx.profile.hardware, ctx.data().input_shape
@@ -148,7 +140,8 @@ def _estimate_row(m: ModelEntry, ctx: Context) -> dict:
     ms, formula = estimate.roofline(m.meta.get("macs") or 0, m.meta["size_bytes"], io, m.precision, hw)
     mj, eformula = estimate.energy(hw.power_w, ms, "roofline lower bound")
     return {**base_row(m, ctx.profile.target.providers[0], {"kind": "estimate", "target": ctx.profile.target.name}),
-            "status": "estimated", "batch": 1, "latency_ms": {"lower_bound": ms}, "latency_source": formula,
+            "status": "estimated", "on_target": False, "batch": 1, "latency_ms": {"lower_bound": ms},
+            "latency_source": formula,
             "energy_mj": mj, "energy_source": eformula, "accuracy": None,
             "accuracy_source": "see the measured rows of this artifact: accuracy does not depend on the device "
                                "for FP32, but was not measured on the target"}

@@ -111,6 +111,15 @@ def _energy(t: Timed, meter, no_meter_energy, p50_ms: float, s: BenchSettings) -
     return {"energy_mj": mj, "energy_source": source}
 
 
+def meter_kinds(where: dict) -> tuple[str, ...]:
+    """The meter closest to where the model runs: a Jetson's input rail, a GPU's counter, else the CPU package."""
+    if where.get("board") and "jetson" in where["board"].lower():
+        return ("tegrastats", "rapl")
+    if any(p in where.get("ort_providers", []) for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")):
+        return ("nvml", "rapl")
+    return ("rapl", "nvml", "tegrastats")
+
+
 def predictions(path: Path, x: np.ndarray) -> np.ndarray:
     """Argmax predictions of a model on CPU (reference for agreement)."""
     return logits(open_session(path, CPU, threads=0), x).argmax(1)

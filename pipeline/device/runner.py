@@ -1,0 +1,83 @@
+"""Device-side runner: verify a kit's checksums, benchmark its ONNX models, print one JSON document.
+
+Needs only Python 3.8+, numpy and onnxruntime (trtexec/tensorrt when the device has them). Run from the kit:
+
+    python3 -m device.runner .            # or: python3 device/runner.py .
+
+The kit holds manifest.json ({"files": {relative path: sha256}, "models": [...], "providers": [...],
+"settings": {...}}), models/*.onnx, data/test_batch.npz (x, y and reference predictions) and device/.
+Exit codes: 0 measured (rows may still be skipped, with reasons), 3 the kit failed verification.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `device` importable as a package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "device"
+
+import numpy as np  # noqa: E402
+
+from . import energy, envinfo, trtbench  # noqa: E402
+from .measure import BenchSettings, ModelEntry, measure, meter_kinds  # noqa: E402
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(kit: Path, manifest: dict) -> list[str]:
+    """Every file the manifest lists, with the same sha256; one line per problem."""
+    problems = []
+    for rel, want in sorted(manifest.get("files", {}).items()):
+        p = kit / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif sha256(p) != want:
+            problems.append(f"{rel}: sha256 {sha256(p)[:16]}… does not match the manifest's {want[:16]}…")
+    return problems
+
+
+def run(kit: Path) -> tuple[int, dict]:
+    manifest = json.loads((kit / "manifest.json").read_text())
+    problems = verify(kit, manifest)
+    if problems:
+        return 3, {"error": "kit verification failed", "problems": problems}
+    where = envinfo.describe("device")
+    if where.get("board") and "jetson" in where["board"].lower():
+        where["jetson"] = energy.query_jetson_state()
+    batch = np.load(kit / "data" / "test_batch.npz")
+    x, y = batch["x"], batch["y"]
+    refs = {k[len("ref_"):]: batch[k] for k in batch.files if k.startswith("ref_")}
+    s = BenchSettings(**manifest["settings"])
+    models = [ModelEntry(m["name"], kit / m["file"], m["precision"], m.get("meta", {})) for m in manifest["models"]]
+    meter, reasons = energy.pick_meter(kinds=meter_kinds(where))
+    skip_energy = (lambda _ms: (None, "skipped: no energy meter on the device: " + "; ".join(reasons)))
+    log = (lambda msg: print(msg, file=sys.stderr))  # stdout is the JSON document
+    rows = measure(models, manifest["providers"], s, x, y, refs, where, meter=meter, no_meter_energy=skip_energy,
+                   cache_dir=kit / "trt-cache", log=log)
+    if manifest.get("tensorrt"):
+        rows += trtbench.rows(models, where, manifest["input_name"], list(x.shape[1:]), kit / "trt-cache", log=log)
+    return 0, {"where": where, "rows": rows, "meter": getattr(meter, "name", None), "meter_reasons": reasons,
+               "versions": envinfo.versions("numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("kit", type=Path, help="the kit folder (holds manifest.json)")
+    args = ap.parse_args(argv)
+    code, doc = run(args.kit.resolve())
+    print(json.dumps(doc, default=float))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Benchmark on a device over SSH: stage a kit, copy it, run device/runner.py there, merge its rows.
+
+The device is named by the profile (`device:`) or by PIPELINE_DEVICE=user@host:port (then
+PIPELINE_DEVICE_KNOWN_HOSTS / PIPELINE_DEVICE_IDENTITY / PIPELINE_DEVICE_PYTHON may name the
+known_hosts file, the key and the interpreter). Host keys are always verified (pipeline/sshlink.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from . import sshlink
+from .artifacts import files, sha256_file
+from .config import DeviceSpec
+from .context import Context, StageError
+from .data import Splits
+from .device.measure import BenchSettings, ModelEntry
+
+DEVICE_DIR = Path(__file__).resolve().parent / "device"
+
+
+def resolve(device: str | DeviceSpec) -> sshlink.Remote:
+    if isinstance(device, DeviceSpec):
+        return sshlink.Remote(**device.model_dump())
+    env = os.environ
+    try:
+        return sshlink.Remote.parse(device, known_hosts=env.get("PIPELINE_DEVICE_KNOWN_HOSTS"),
+                                    identity_file=env.get("PIPELINE_DEVICE_IDENTITY"),
+                                    python=env.get("PIPELINE_DEVICE_PYTHON", "python3"))
+    except ValueError as e:
+        raise StageError(f"PIPELINE_DEVICE={device!r}: {e}") from None
+
+
+def stage_kit(kit: Path, models: list[ModelEntry], data: Splits, refs: dict[str, np.ndarray],
+              settings: BenchSettings, ctx: Context, n_test: int | None = None) -> None:
+    """models/, data/test_batch.npz, device/*.py and manifest.json with every file's sha256."""
+    if kit.exists():
+        shutil.rmtree(kit)
+    (kit / "models").mkdir(parents=True)
+    (kit / "data").mkdir()
+    (kit / "device").mkdir()
+    for m in models:
+        for f in files(m.path):
+            shutil.copy2(f, kit / "models" / f.name)
+    n = n_test or len(data.x_test)
+    np.savez(kit / "data" / "test_batch.npz", x=data.x_test[:n], y=data.y_test[:n],
+             **{f"ref_{k}": v[:n] for k, v in refs.items()})
+    for f in DEVICE_DIR.glob("*.py"):
+        shutil.copy2(f, kit / "device" / f.name)
+    listed = {str(p.relative_to(kit)): sha256_file(p) for p in sorted(kit.rglob("*")) if p.is_file()}
+    manifest = {"kind": "benchmark-kit", "run_id": ctx.run_dir.name, "files": listed,
+                "models": [{"name": m.name, "file": f"models/{m.path.name}", "precision": m.precision,
+                            "meta": m.meta} for m in models],
+                "providers": _providers(ctx), "tensorrt": ctx.profile.target.tensorrt,
+                "input_name": "input", "settings": asdict(settings)}
+    (kit / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+
+
+def remote_rows(device: str | DeviceSpec, models: list[ModelEntry], data: Splits, refs: dict[str, np.ndarray],
+                settings: BenchSettings, ctx: Context) -> list[dict]:
+    """Rows measured on the device, labelled with its hostname, board and runtime versions."""
+    remote = resolve(device)
+    kit = ctx.path("device-kit")
+    stage_kit(kit, models, data, refs, settings, ctx)
+    try:
+        base = sshlink.resolve_path(remote, remote.workdir)
+        target = f"{base.rstrip('/')}/{ctx.run_dir.name}"
+        ctx.log(f"  device {remote.destination}:{remote.port}: copying kit to {target}")
+        sshlink.run(remote, ["rm", "-rf", "--", f"{target}/device-kit"])
+        sshlink.put(remote, [kit], target)
+        proc = sshlink.run(remote, [remote.python, "-m", "device.runner", "."], cwd=f"{target}/device-kit",
+                           timeout=3600, check=False)
+    except (sshlink.RemoteError, ValueError) as e:
+        raise StageError(f"benchmark: device {remote.destination}:{remote.port}: {e}") from None
+    try:
+        doc = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise StageError(f"benchmark: the device runner printed no JSON (exit {proc.returncode}): "
+                         f"{proc.stderr.strip()[-800:]}") from None
+    if proc.returncode != 0:
+        raise StageError(f"benchmark: device runner exit {proc.returncode}: {doc.get('error')}: "
+                         f"{'; '.join(doc.get('problems', []))}")
+    (ctx.path("device-result.json")).write_text(json.dumps(doc, indent=1))
+    ssh = f"{remote.destination}:{remote.port}"
+    for r in doc["rows"]:
+        r["where"] = {**r["where"], "ssh": ssh, "versions": doc.get("versions")}
+    return doc["rows"]
+
+
+def _providers(ctx: Context) -> list[str]:
+    """The profile's providers, plus the device's CPU as a labelled reference."""
+    from .device.ortbench import CPU
+    asked = list(ctx.profile.target.providers)
+    return asked if CPU in asked else asked + [CPU]
