@@ -15,6 +15,8 @@ from .context import StageError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill, prune, export, quantize, benchmark, report, gate and ship vision models.")
 console = Console()
+if not console.is_terminal:  # logs and pipes: keep table rows on one line
+    console = Console(width=150)
 err = Console(stderr=True)
 DEBUG = {"on": False}
 
@@ -60,19 +62,36 @@ def _print_report(run_dir: Path) -> None:
 
     from .report import HEADER, table_rows
     report = json.loads((run_dir / "report.json").read_text())
+    keep = ["artifact", "prec", "backend/provider", "where", "KiB", "acc", "Δ teacher", "p50 ms", "p95 ms",
+            "mJ/inf", "status"]
+    idx = [HEADER.index(k) for k in keep]
     table = Table(title=f"{report['recipe']['name']} on {report['profile']['name']}", show_lines=False)
-    for h in HEADER:
+    for h in keep:
         table.add_column(h, overflow="fold")
+    reasons: list[str] = []
     for row in table_rows(report):
-        table.add_row(*row)
+        cells = [row[i] for i in idx]
+        status, _, reason = cells[-1].partition(": ")
+        if reason:
+            if reason not in reasons:
+                reasons.append(reason)
+            status = f"{status} [{reasons.index(reason) + 1}]"
+        cells[-1] = status
+        cells[2] = cells[2].replace("onnxruntime/", "ort/").replace("tensorrt/", "")
+        cells[3] = cells[3].split(":")[0]  # host / device / estimate; the machines are named below
+        table.add_row(*cells)
     console.print(table)
-    console.print("suffix h = measured on this host (not the target), e = estimated, — = skipped (see status)")
+    console.print("suffix h = measured on this host (not the target), e = estimated, — = skipped or n/a")
+    for i, reason in enumerate(reasons, 1):
+        console.print(f"[{i}] {reason}", highlight=False, markup=False)
     for n in report.get("notes", []):
-        console.print(f"[yellow]note:[/] {n}")
+        console.print(f"note: {n}", highlight=False, markup=False)
+    host = report["environment"]
+    console.print(f"host: {host.get('hostname')} ({host.get('cpu', {}).get('model')})", highlight=False)
     rec = report.get("recommended")
     console.print(f"recommended: [bold]{rec['artifact']}[/] ({rec['basis']})" if rec else
                   "recommended: none meets the budgets")
-    console.print(f"report: {run_dir / 'report.md'}")
+    console.print(f"run directory: {run_dir}\nreport: {run_dir / 'report.md'}")
 
 
 @app.command()
@@ -109,6 +128,66 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")] = Pa
             console.print(f"wrote {p}")
     except ConfigError as e:
         fail(str(e), 3)
+
+
+@app.command()
+def gate(run_dir: Annotated[Path, typer.Argument(help="a run directory")] = Path("runs/latest"),
+         profile: Annotated[Optional[str], typer.Option(help="budgets to check; default: the run's profile")] = None,
+         allow_estimates: Annotated[bool, typer.Option(help="let estimates and host figures pass, labelled")] = False,
+         junit: Annotated[Optional[Path], typer.Option(help="also write JUnit XML here")] = None,
+         as_json: Annotated[bool, typer.Option("--json", help="print the verdict as JSON")] = False) -> None:
+    """Check the profile's budgets: exit 0 met, 1 missed, 2 no measurement on the target, 3 unusable input."""
+    import json
+
+    from .gate import gate as check, write_junit
+    if profile is None:
+        try:
+            profile = json.loads((run_dir / "report.json").read_text())["profile"]["name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            profile = "edge-cpu"  # the gate itself reports the unusable run with exit code 3
+    verdict = check(run_dir, profile, allow_estimates=allow_estimates)
+    if junit is not None:
+        write_junit(verdict, junit)
+    if as_json:
+        typer.echo(verdict.to_json())
+    else:
+        color = {0: "green", 1: "red", 2: "yellow", 3: "red"}[verdict.code]
+        console.print(verdict.text(), style=color, highlight=False, soft_wrap=True, markup=False)
+    raise typer.Exit(verdict.code)
+
+
+@app.command()
+def ship(run_dir: Annotated[Path, typer.Argument(help="a run directory")] = Path("runs/latest"),
+         profile: Annotated[str, typer.Option(help="the profile the bundle is for")] = "edge-cpu",
+         out: Annotated[Path, typer.Option(help="where the bundle goes")] = Path("dist"),
+         to: Annotated[Optional[str], typer.Option(help="copy and verify over SSH: [user@]host[:port]:/dir")] = None,
+         ) -> None:
+    """Bundle the recommended artifact (bundle-<recipe>-<run>.tar.gz) for a device; exit 3 on unusable input."""
+    from .ship import ShipError, ship as make
+    try:
+        make(run_dir, profile, out, to=to, log=lambda m: console.print(m, highlight=False, markup=False))
+    except ConfigError as e:
+        fail(str(e), 3)
+    except ShipError as e:
+        fail(str(e), 1)
+
+
+@app.command()
+def verify(bundle: Annotated[Path, typer.Argument(help="a bundle .tar.gz or its unpacked folder")]) -> None:
+    """Recompute a bundle's checksums and check runtimes: exit 0 verified, 1 refused, 3 not a bundle."""
+    from .ship import verify as check
+    warnings: list[str] = []
+    try:
+        problems = check(bundle, warnings)
+    except ConfigError as e:
+        fail(str(e), 3)
+    for w in warnings:
+        console.print(f"warning: {w}", style="yellow", highlight=False, markup=False)
+    for p in problems:
+        err.print(f"REFUSED: {p}", style="red", highlight=False, markup=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"{bundle}: verified", style="green", highlight=False, markup=False)
 
 
 def entry() -> None:

@@ -44,6 +44,9 @@ def build(run_dir: Path) -> dict:
     results = {k: v.get("results", {}) for k, v in stages.items()}
     outputs = {n: o for v in stages.values() for n, o in v.get("outputs", {}).items()}
     rows = bench.get("rows", [])
+    order = {a: i for i, a in reversed(list(enumerate(r["artifact"] for r in rows)))}
+    kinds = {"host": 1, "device": 0, "estimate": 2}  # per artifact: device rows first, estimates last
+    rows.sort(key=lambda r: (order[r["artifact"]], kinds.get(r["where"]["kind"], 3), r["status"] == "skipped"))
     teacher_acc = next((r["accuracy"] for r in rows if r.get("role") == "teacher" and r.get("accuracy") is not None
                         and r["status"] == "measured"), None)
     for r in rows:
