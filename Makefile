@@ -45,7 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pipeline.bench --profile $(PROFILE)
 
 gate: $(STAMP)
-	$(BIN)/pipeline gate $(RUN) --profile $(PROFILE)
+	$(BIN)/pipeline gate $(RUN) --profile $(PROFILE) $(GATE_ARGS)
 
 ship: $(STAMP)
 	$(BIN)/pipeline ship $(RUN) --profile $(PROFILE)
