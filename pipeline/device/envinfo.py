@@ -49,9 +49,26 @@ def jetson_model() -> str | None:
     return None
 
 
+def gpu_info() -> list[dict]:
+    """NVIDIA GPUs as nvidia-smi reports them; empty where there is none (or no nvidia-smi, as on Jetsons)."""
+    import shutil
+    import subprocess
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,compute_cap,driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    keys = ("name", "compute_capability", "driver", "memory")
+    return [dict(zip(keys, (v.strip() for v in line.split(",")))) for line in out.splitlines() if line.strip()]
+
+
 def describe(kind: str) -> dict:
     """`where` of a row: host or device, with the machine's name, CPU and runtime versions."""
     import onnxruntime as ort
-    return {"kind": kind, "hostname": socket.gethostname(), "cpu": cpu_info(), "board": jetson_model(),
+    return {"kind": kind, "hostname": socket.gethostname(), "cpu": cpu_info(), "gpus": gpu_info(),
+            "board": jetson_model(),
             "os": f"{platform.system()} {platform.release()}",
             "onnxruntime": ort.__version__, "ort_providers": ort.get_available_providers()}
