@@ -1,0 +1,133 @@
+"""report.json against its schema, report.html's content and escaping, and `pipeline report` (rerender)."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline import html, reportschema
+from pipeline.config import ConfigError
+from pipeline.report import render_md
+from pipeline.rerender import rerender
+from tests.test_gate import crafted_report, row
+
+cli = CliRunner()
+
+
+def _copy(real_run, tmp_path):
+    run = tmp_path / real_run.name
+    shutil.copytree(real_run, run)
+    return run
+
+
+def test_real_report_follows_the_schema(real_run):
+    report = json.loads((real_run / "report.json").read_text())
+    assert reportschema.errors(report) == []
+    reportschema.validate(report)
+
+
+def _measured(r):
+    return next(x for x in r["rows"] if x["status"] == "measured" and x["artifact"] == "s.onnx")
+
+
+BREAKS = {
+    "measured row without p95": lambda r: _measured(r)["latency_ms"].pop("p95"),
+    "measured row without latency_source": lambda r: _measured(r).pop("latency_source"),
+    "measured row labelled as an estimate": lambda r: _measured(r).update(latency_source="estimated: 1 ms"),
+    "skipped row without reason": lambda r: r["rows"].append({**row("x.onnx", "student", status="skipped"),
+                                                              "reason": None}),
+    "energy without its source": lambda r: _measured(r).update(energy_mj=0.3),
+    "status outside the enum": lambda r: _measured(r).update(status="guessed"),
+    "estimate claiming on_target": lambda r: r["rows"].append(
+        {**row("s.onnx", "student", status="estimated", lower_bound=0.1), "on_target": True}),
+    "missing recommended key": lambda r: r.pop("recommended"),
+}
+
+
+@pytest.mark.parametrize("name", list(BREAKS))
+def test_schema_refuses_a_broken_report(name):
+    report = crafted_report()
+    assert reportschema.errors(report) == []
+    BREAKS[name](report)
+    assert reportschema.errors(report), f"{name}: the schema accepted it"
+    with pytest.raises(ConfigError, match="report.schema.json"):
+        reportschema.validate(report)
+
+
+def test_rerender_rewrites_md_and_html_from_report_json(real_run, tmp_path):
+    run = _copy(real_run, tmp_path)
+    for n in ("report.md", "report.html"):
+        (run / n).unlink()
+    record = (run / "run.json").read_text()
+    written = rerender(run)
+    assert sorted(p.name for p in written) == ["report.html", "report.md"]
+    report = json.loads((run / "report.json").read_text())
+    assert (run / "report.md").read_text() == render_md(report)
+    page = (run / "report.html").read_text()
+    assert report["run_id"] in page and page.count("<svg") == 2
+    assert (run / "run.json").read_text() == record, "rerender must not rerun anything"
+    res = cli.invoke(app_(), ["report", str(run)])
+    assert res.exit_code == 0 and "report.html" in res.stdout
+
+
+def app_():
+    from pipeline.cli import app
+    return app
+
+
+def test_rerender_refuses_another_schema_version(real_run, tmp_path):
+    run = _copy(real_run, tmp_path)
+    report = json.loads((run / "report.json").read_text())
+    (run / "report.json").write_text(json.dumps({**report, "schema_version": 2}))
+    (run / "report.html").unlink()
+    with pytest.raises(ConfigError, match="schema_version 2"):
+        rerender(run)
+    assert not (run / "report.html").exists()
+    res = cli.invoke(app_(), ["report", str(run)])
+    assert res.exit_code == 3 and "schema_version 2" in res.stderr
+
+
+def test_rerender_of_a_missing_run_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such run directory"):
+        rerender(tmp_path / "nope")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(ConfigError, match="--resume"):
+        rerender(tmp_path / "half")
+
+
+def test_html_escapes_every_string_and_needs_no_network():
+    evil = "<script>alert(1)</script>"
+    report = crafted_report(rows=[row("t.onnx", "teacher", acc=0.97), row(evil + ".onnx", "student"),
+                                  {**row("$x$.onnx", "student", status="skipped"), "reason": evil}],
+                            recommended=evil + ".onnx")
+    report["notes"] = [f'<img src=x onerror="{evil}">']
+    report["flags"] = [{"artifact": evil, "provider": "CPU", "kind": "not_faster", "detail": evil}]
+    page = html.render(report)
+    assert "<script" not in page and "<img" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//|url\(\s*["']?https?:|@import|<link""", page)
+
+
+def test_html_says_how_each_figure_was_obtained():
+    rows = [row("t.onnx", "teacher", acc=0.97, on_target=False), row("s.onnx", "student", on_target=True),
+            row("s.onnx", "student", on_target=False, provider="CUDAExecutionProvider"),
+            row("s.onnx", "student", status="estimated", lower_bound=0.01),
+            {**row("s.onnx", "student", status="skipped"), "reason": "TensorRT not installed here"}]
+    page = html.render(crafted_report(rows=rows))
+    for label in ("measured on target", "measured on host", "estimated with formula", "skipped [1]",
+                  "TensorRT not installed here", "≥ 0.0100"):
+        assert label in page, label
+    pts = html._points(crafted_report(rows=copy.deepcopy(rows)))
+    assert {p["kind"] for p in pts} == {"target", "host", "estimate"}
+    est = next(p for p in pts if p["kind"] == "estimate")
+    assert est["x"] == 0.01 and est["y"] == 0.95  # the artifact's measured accuracy, drawn as an estimate
+
+
+def test_html_without_plottable_rows_still_renders():
+    rows = [{**row("s.onnx", "student", status="skipped"), "reason": "no provider"}]
+    page = html.render(crafted_report(rows=rows, recommended=None))
+    assert "No artifact recommended" in page and "No row has both a latency and an accuracy" in page

@@ -1,0 +1,199 @@
+"""Bundles from a real run: contents, verification, one flipped byte refused, atomic writes, SSH delivery."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pipeline import ship as ship_mod
+from pipeline.cli import app
+from pipeline.config import ConfigError
+from pipeline.device import manifest as mf
+from pipeline.ship import _shipped, parse_to, ship, verify
+from tests.test_gate import LOOSE, profile_file, rerun
+
+cli = CliRunner()
+DEVICE = Path(ship_mod.__file__).parent / "device"
+
+
+@pytest.fixture(scope="module")
+def shippable(real_run, tmp_path_factory):
+    """(run, profile path, bundle): the real run benchmarked for an edge-cpu copy whose budgets it meets."""
+    tmp = tmp_path_factory.mktemp("ship")
+    prof = profile_file(tmp, "edge-cpu", "edge-cpu-loose", **LOOSE)
+    run = rerun(real_run, tmp, prof)
+    return run, prof, ship(run, str(prof), tmp / "dist")
+
+
+def _unpack(bundle: Path, dest: Path) -> Path:
+    with tarfile.open(bundle) as tar:
+        tar.extractall(dest, filter="data")
+    return dest / bundle.name.removesuffix(".tar.gz")
+
+
+def _flip(path: Path, offset: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_bundle_from_a_real_run_verifies(shippable, tmp_path):
+    run, prof, bundle = shippable
+    report = json.loads((run / "report.json").read_text())
+    rec = report["recommended"]["artifact"]
+    assert bundle.name == f"bundle-digits-{run.name}.tar.gz"
+    assert verify(bundle) == []
+    folder = _unpack(bundle, tmp_path)
+    assert verify(folder) == []
+    m = json.loads((folder / "manifest.json").read_text())
+    assert set(m["files"]) == {p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                               if p.is_file() and p.name != "manifest.json"}
+    assert f"models/{rec}" in m["files"] and {f"device/{p.name}" for p in DEVICE.glob("*.py")} <= set(m["files"])
+    assert m["input"]["name"] == "input" and m["input"]["dtype"] == "float32" and m["input"]["shape"][1:] == [1, 8, 8]
+    splits = json.loads((run / "splits.json").read_text())
+    assert m["preprocessing"] == splits["preprocessing"] and m["classes"] == [str(i) for i in range(10)]
+    assert m["opset"] == 18 and m["versions"]["onnxruntime"] and m["versions"]["torch"]
+    assert m["profile"]["name"] == "edge-cpu-loose" and m["gate"]["verdict"] == "met"
+    assert set(m["gate"]["met"]) == {"p95_latency_ms", "min_accuracy", "max_accuracy_drop", "max_size_mb"}
+    assert {r["artifact"] for r in m["benchmark"]} == {rec}
+    batch = np.load(folder / "data" / "test_batch.npz")
+    assert batch["x"].shape == (64, 1, 8, 8) and batch["y"].shape == (64,) and "ref_teacher" in batch.files
+    assert "python3 -m device.runner ." in (folder / "README-device.md").read_text()
+
+
+def test_the_same_run_ships_the_same_bytes(shippable, tmp_path):
+    run, prof, bundle = shippable
+    assert ship(run, str(prof), tmp_path).read_bytes() == bundle.read_bytes()
+
+
+def test_one_flipped_byte_of_the_onnx_is_refused(shippable, tmp_path):
+    run, prof, bundle = shippable
+    folder = _unpack(bundle, tmp_path)
+    onnx = folder / "models" / json.loads((folder / "manifest.json").read_text())["recommended"]
+    _flip(onnx)
+    problems = verify(folder)
+    assert len(problems) == 1 and onnx.name in problems[0] and "differs" in problems[0]
+    # the same, packed again, and through the device-side command with a plain interpreter
+    repacked = tmp_path / "tampered.tar.gz"
+    with tarfile.open(repacked, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    assert any(onnx.name in p for p in verify(repacked))
+    proc = subprocess.run([sys.executable, "-m", "device.manifest", "verify", "."], cwd=folder,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "REFUSED" in proc.stdout
+    res = cli.invoke(app, ["verify", str(folder)])
+    assert res.exit_code == 1 and onnx.name in res.stderr
+    assert cli.invoke(app, ["verify", str(bundle)]).exit_code == 0
+    assert cli.invoke(app, ["verify", str(tmp_path / "nothing")]).exit_code == 3
+
+
+def test_engines_for_another_tensorrt_or_gpu_are_refused(shippable, tmp_path):
+    folder = _unpack(shippable[2], tmp_path)
+    (folder / "models" / "s.engine").write_bytes(b"engine")
+    (folder / "models" / "s.json").write_text(json.dumps({"trt_version": "10.3.0", "compute_capability": "8.7"}))
+    same = {"onnxruntime": None, "tensorrt": "10.3.0.26", "compute_capability": "8.7"}
+    assert mf.check(folder, same)[0] == []
+    problems = mf.check(folder, {**same, "tensorrt": "8.6.1"})[0]
+    assert len(problems) == 1 and "TensorRT 10.3.0" in problems[0] and "8.6.1" in problems[0]
+    assert "compute capability 8.7" in mf.check(folder, {**same, "compute_capability": "9.0"})[0][0]
+    (folder / "models" / "s.json").unlink()
+    assert "no sidecar" in mf.check(folder, same)[0][0]
+
+
+def test_another_onnxruntime_is_a_warning_not_a_failure(shippable):
+    problems, warnings = mf.check(shippable[2], {"onnxruntime": "0.1.0", "tensorrt": None,
+                                                 "compute_capability": None})
+    assert problems == [] and "onnxruntime 0.1.0" in warnings[0]
+
+
+def test_an_archive_with_unsafe_paths_is_refused(tmp_path):
+    bad = tmp_path / "bad.tar.gz"
+    with tarfile.open(bad, "w:gz") as tar:
+        for name, data in (("b/manifest.json", b'{"files": {"x": "00"}}'), ("b/../../evil", b"x")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert any("unsafe" in p for p in verify(bad))
+
+
+def test_an_interrupted_ship_leaves_no_partial_bundle(shippable, tmp_path, monkeypatch):
+    run, prof, _ = shippable
+    out = tmp_path / "dist"
+    out.mkdir()
+    old = out / f"bundle-digits-{run.name}.tar.gz"
+    old.write_bytes(b"the previous bundle")
+    real_add, calls = tarfile.TarFile.add, []
+
+    def add_then_die(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == 5:
+            raise OSError("disk full")
+        return real_add(self, *args, **kwargs)
+    monkeypatch.setattr(tarfile.TarFile, "add", add_then_die)
+    with pytest.raises(OSError, match="disk full"):
+        ship(run, str(prof), out)
+    assert len(calls) == 5, "the failure must come mid-way through the archive"
+    assert old.read_bytes() == b"the previous bundle"
+    assert sorted(p.name for p in out.iterdir()) == [old.name], "no temporary file or folder may remain"
+
+
+def test_tensorrt_targets_ship_the_fp16_and_int8_variants(tmp_path):
+    for n in ("student-pruned.onnx", "student-pruned.fp16.onnx", "student-pruned.int8.onnx", "student.int8.onnx"):
+        (tmp_path / n).write_bytes(b"onnx")
+    assert _shipped(tmp_path, "student-pruned.onnx", tensorrt=False) == ["student-pruned.onnx"]
+    assert _shipped(tmp_path, "student-pruned.onnx", tensorrt=True) == [
+        "student-pruned.onnx", "student-pruned.fp16.onnx", "student-pruned.int8.onnx"]
+    assert _shipped(tmp_path, "student-pruned.int8.onnx", tensorrt=True) == [
+        "student-pruned.int8.onnx", "student-pruned.fp16.onnx"]
+    with pytest.raises(ConfigError, match="missing"):
+        _shipped(tmp_path, "gone.onnx", tensorrt=False)
+
+
+def test_a_run_without_a_recommendation_is_not_shipped(shippable, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(shippable[0], run)
+    report = json.loads((run / "report.json").read_text())
+    (run / "report.json").write_text(json.dumps({**report, "recommended": None}))
+    out = tmp_path / "dist"
+    res = cli.invoke(app, ["ship", str(run), "--profile", str(shippable[1]), "--out", str(out)])
+    assert res.exit_code == 3 and "nothing to ship" in res.stderr
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_cli_ship_and_parse_to(shippable, tmp_path):
+    run, prof, _ = shippable
+    res = cli.invoke(app, ["ship", str(run), "--profile", str(prof), "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert len(list(tmp_path.glob("bundle-*.tar.gz"))) == 1
+    assert parse_to("nvidia@jetson.local:2222:~/bundles") == ("nvidia@jetson.local:2222", "~/bundles")
+    assert parse_to("pi@[::1]:/opt/m") == ("pi@[::1]", "/opt/m")
+    with pytest.raises(ConfigError, match="expected"):
+        parse_to("jetson.local")
+    bad = cli.invoke(app, ["ship", str(run), "--profile", str(prof), "--out", str(tmp_path / "no"), "--to", "jetson"])
+    assert bad.exit_code == 3 and "[user@]host[:port]" in bad.stderr and not (tmp_path / "no").exists()
+
+
+def test_ship_to_a_device_over_ssh_verifies_there(shippable, sshd, tmp_path, monkeypatch):
+    run, prof, _ = shippable
+    monkeypatch.setenv("PIPELINE_DEVICE_KNOWN_HOSTS", str(sshd.known_hosts))
+    monkeypatch.setenv("PIPELINE_DEVICE_IDENTITY", str(sshd.identity_file))
+    monkeypatch.setenv("PIPELINE_DEVICE_PYTHON", "/usr/bin/python3" if Path("/usr/bin/python3").exists()
+                       else sys.executable)  # a plain interpreter: verification needs only the stdlib
+    remote_dir = tmp_path / "device"
+    logs: list[str] = []
+    bundle = ship(run, str(prof), tmp_path / "dist", to=f"{sshd.user}@127.0.0.1:{sshd.port}:{remote_dir}",
+                  log=logs.append)
+    unpacked = remote_dir / bundle.name.removesuffix(".tar.gz")
+    assert (remote_dir / bundle.name).is_file() and (unpacked / "manifest.json").is_file()
+    assert "verified" in logs[-1]
+    _flip(unpacked / "data" / "test_batch.npz")  # the copy on the "device" goes bad: shipping again repairs it
+    ship(run, str(prof), tmp_path / "dist", to=f"{sshd.user}@127.0.0.1:{sshd.port}:{remote_dir}")
+    assert verify(unpacked) == []
