@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .config import DEFAULT_RECIPE, STAGES, ConfigError, available_profiles, load_profile, load_recipe
@@ -27,7 +28,7 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")]
 
 
 def fail(msg: str, code: int) -> None:
-    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -130,6 +131,15 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")] = Pa
         fail(str(e), 3)
 
 
+def _run_profile(run_dir: Path) -> str:
+    """The profile a run was made with (edge-cpu when unreadable: the command then reports the run as unusable)."""
+    import json
+    try:
+        return json.loads((run_dir / "report.json").read_text())["profile"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "edge-cpu"
+
+
 @app.command()
 def gate(run_dir: Annotated[Path, typer.Argument(help="a run directory")] = Path("runs/latest"),
          profile: Annotated[Optional[str], typer.Option(help="budgets to check; default: the run's profile")] = None,
@@ -137,15 +147,8 @@ def gate(run_dir: Annotated[Path, typer.Argument(help="a run directory")] = Path
          junit: Annotated[Optional[Path], typer.Option(help="also write JUnit XML here")] = None,
          as_json: Annotated[bool, typer.Option("--json", help="print the verdict as JSON")] = False) -> None:
     """Check the profile's budgets: exit 0 met, 1 missed, 2 no measurement on the target, 3 unusable input."""
-    import json
-
     from .gate import gate as check, write_junit
-    if profile is None:
-        try:
-            profile = json.loads((run_dir / "report.json").read_text())["profile"]["name"]
-        except (OSError, ValueError, KeyError, TypeError):
-            profile = "edge-cpu"  # the gate itself reports the unusable run with exit code 3
-    verdict = check(run_dir, profile, allow_estimates=allow_estimates)
+    verdict = check(run_dir, profile or _run_profile(run_dir), allow_estimates=allow_estimates)
     if junit is not None:
         write_junit(verdict, junit)
     if as_json:
@@ -158,14 +161,16 @@ def gate(run_dir: Annotated[Path, typer.Argument(help="a run directory")] = Path
 
 @app.command()
 def ship(run_dir: Annotated[Path, typer.Argument(help="a run directory")] = Path("runs/latest"),
-         profile: Annotated[str, typer.Option(help="the profile the bundle is for")] = "edge-cpu",
+         profile: Annotated[Optional[str], typer.Option(help="the bundle's profile; default: the run's")] = None,
          out: Annotated[Path, typer.Option(help="where the bundle goes")] = Path("dist"),
          to: Annotated[Optional[str], typer.Option(help="copy and verify over SSH: [user@]host[:port]:/dir")] = None,
          ) -> None:
     """Bundle the recommended artifact (bundle-<recipe>-<run>.tar.gz) for a device; exit 3 on unusable input."""
+
     from .ship import ShipError, ship as make
     try:
-        make(run_dir, profile, out, to=to, log=lambda m: console.print(m, highlight=False, markup=False))
+        make(run_dir, profile or _run_profile(run_dir), out, to=to,
+             log=lambda m: console.print(m, highlight=False, markup=False))
     except ConfigError as e:
         fail(str(e), 3)
     except ShipError as e:
@@ -175,6 +180,7 @@ def ship(run_dir: Annotated[Path, typer.Argument(help="a run directory")] = Path
 @app.command()
 def verify(bundle: Annotated[Path, typer.Argument(help="a bundle .tar.gz or its unpacked folder")]) -> None:
     """Recompute a bundle's checksums and check runtimes: exit 0 verified, 1 refused, 3 not a bundle."""
+
     from .ship import verify as check
     warnings: list[str] = []
     try:

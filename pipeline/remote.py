@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from . import sshlink
-from .artifacts import files, sha256_file
+from .artifacts import files
 from .config import DeviceSpec
 from .context import Context, StageError
 from .data import Splits
+from .device.manifest import checksums
 from .device.measure import BenchSettings, ModelEntry
 
 DEVICE_DIR = Path(__file__).resolve().parent / "device"
@@ -52,7 +53,7 @@ def stage_kit(kit: Path, models: list[ModelEntry], data: Splits, refs: dict[str,
              **{f"ref_{k}": v[:n] for k, v in refs.items()})
     for f in DEVICE_DIR.glob("*.py"):
         shutil.copy2(f, kit / "device" / f.name)
-    listed = {str(p.relative_to(kit)): sha256_file(p) for p in sorted(kit.rglob("*")) if p.is_file()}
+    listed = checksums(kit)
     manifest = {"kind": "benchmark-kit", "run_id": ctx.run_dir.name, "files": listed,
                 "models": [{"name": m.name, "file": f"models/{m.path.name}", "precision": m.precision,
                             "meta": m.meta} for m in models],

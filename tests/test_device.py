@@ -90,4 +90,4 @@ def test_runner_refuses_a_tampered_kit(real_run, tmp_path, monkeypatch, sshd):
     proc = subprocess.run([sys.executable, "-m", "device.runner", "."], cwd=kit, capture_output=True, text=True)
     assert proc.returncode == 3
     doc = json.loads(proc.stdout)
-    assert any(model.name in p and "does not match" in p for p in doc["problems"])
+    assert any(model.name in p and "differs from the manifest" in p for p in doc["problems"])

@@ -11,7 +11,6 @@ Exit codes: 0 measured (rows may still be skipped, with reasons), 3 the kit fail
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -23,34 +22,15 @@ if __package__ in (None, ""):  # run as a script: make `device` importable as a 
 import numpy as np  # noqa: E402
 
 from . import energy, envinfo, trtbench  # noqa: E402
+from .manifest import check  # noqa: E402
 from .measure import BenchSettings, ModelEntry, measure, meter_kinds  # noqa: E402
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify(kit: Path, manifest: dict) -> list[str]:
-    """Every file the manifest lists, with the same sha256; one line per problem."""
-    problems = []
-    for rel, want in sorted(manifest.get("files", {}).items()):
-        p = kit / rel
-        if not p.is_file():
-            problems.append(f"{rel}: missing")
-        elif sha256(p) != want:
-            problems.append(f"{rel}: sha256 {sha256(p)[:16]}… does not match the manifest's {want[:16]}…")
-    return problems
-
-
 def run(kit: Path) -> tuple[int, dict]:
-    manifest = json.loads((kit / "manifest.json").read_text())
-    problems = verify(kit, manifest)
+    problems, warnings = check(kit)  # checksums, and engines built for another TensorRT or GPU
     if problems:
-        return 3, {"error": "kit verification failed", "problems": problems}
+        return 3, {"error": "kit verification failed", "problems": problems, "warnings": warnings}
+    manifest = json.loads((kit / "manifest.json").read_text())
     where = envinfo.describe("device")
     if where.get("board") and "jetson" in where["board"].lower():
         where["jetson"] = energy.query_jetson_state()
@@ -66,7 +46,7 @@ def run(kit: Path) -> tuple[int, dict]:
                    cache_dir=kit / "trt-cache", log=log)
     if manifest.get("tensorrt"):
         rows += trtbench.rows(models, where, manifest["input_name"], list(x.shape[1:]), kit / "trt-cache", log=log)
-    return 0, {"where": where, "rows": rows, "meter": getattr(meter, "name", None), "meter_reasons": reasons,
+    return 0, {"where": where, "rows": rows, "warnings": warnings, "meter": getattr(meter, "name", None), "meter_reasons": reasons,
                "versions": envinfo.versions("numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt")}
 
 
