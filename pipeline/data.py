@@ -38,9 +38,14 @@ class Splits:
 
 
 def _stratified(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices kept and held out, each class in the same proportion in both, reproducible from the seed."""
     from sklearn.model_selection import train_test_split
     idx = np.arange(len(y))
-    keep, held = train_test_split(idx, test_size=fraction, stratify=y, random_state=seed)
+    try:
+        keep, held = train_test_split(idx, test_size=fraction, stratify=y, random_state=seed)
+    except ValueError as e:  # e.g. a class with a single image cannot be in both parts
+        raise ConfigError(f"data: cannot split {len(y)} images into a stratified {fraction:.0%} hold-out ({e}). "
+                          f"Add images to the small classes, or give train/ and test/ (and val/) folders.") from None
     return np.sort(keep), np.sort(held)
 
 
@@ -83,7 +88,8 @@ def _load_images(paths: list[Path], cfg: DataConfig) -> np.ndarray:
     return out
 
 
-def _imagefolder(cfg: DataConfig, seed: int) -> dict[str, tuple[list[Path], np.ndarray]] | None:
+def _imagefolder(cfg: DataConfig) -> tuple[dict[str, tuple[list[Path], np.ndarray]], list[str]]:
+    """File lists and labels per part found on disk: train/val/test folders, or one folder ("all")."""
     root = cfg.root
     assert root is not None
     if (root / "train").is_dir():
@@ -96,9 +102,10 @@ def _imagefolder(cfg: DataConfig, seed: int) -> dict[str, tuple[list[Path], np.n
                     raise ConfigError(f"data.root: {root / name} has classes {cls}, train has {classes}.")
                 parts[name] = found
     else:
-        parts, classes = {"all": _list_folder(root)[0]}, _list_folder(root)[1]
+        found, classes = _list_folder(root)
+        parts = {"all": found}
     labelled = {k: (v, np.array([classes.index(p.parent.name) for p in v], np.int64)) for k, v in parts.items()}
-    return labelled, classes  # type: ignore[return-value]
+    return labelled, classes
 
 
 def load_splits(cfg: DataConfig, seed: int, run_dir: Path | None = None) -> Splits:
@@ -112,18 +119,17 @@ def load_splits(cfg: DataConfig, seed: int, run_dir: Path | None = None) -> Spli
                  "val": (x[val], y[val], [ids[i] for i in val]),
                  "test": (x[test], y[test], [ids[i] for i in test])}
     else:
-        labelled, classes = _imagefolder(cfg, seed)
+        labelled, classes = _imagefolder(cfg)
         if "all" in labelled:
-            paths, y = labelled.pop("all")
-            rest, test = _stratified(y, cfg.test_fraction, seed)
-            labelled["test"] = ([paths[i] for i in test], y[test])
-            labelled["train"] = ([paths[i] for i in rest], y[rest])
-        if "val" not in labelled:
-            paths, y = labelled["train"]
-            tr, va = _stratified(y, cfg.val_fraction, seed)
-            labelled["val"] = ([paths[i] for i in va], y[va])
-            labelled["train"] = ([paths[i] for i in tr], y[tr])
-        parts = {k: (_load_images(p, cfg), y, [str(q) for q in p]) for k, (p, y) in labelled.items()}
+            labelled["train"] = labelled.pop("all")
+        for part, fraction in (("test", cfg.test_fraction), ("val", cfg.val_fraction)):  # what the disk lacks
+            if part not in labelled:
+                paths, y = labelled["train"]
+                keep, held = _stratified(y, fraction, seed)
+                labelled[part] = ([paths[i] for i in held], y[held])
+                labelled["train"] = ([paths[i] for i in keep], y[keep])
+        parts = {k: (_load_images(p, cfg), y, [q.relative_to(cfg.root).as_posix() for q in p])
+                 for k, (p, y) in labelled.items()}
 
     parts = {k: (_resize(x, cfg.image_size), y, ids) for k, (x, y, ids) in parts.items()}
     x_train = parts["train"][0]
@@ -135,10 +141,13 @@ def load_splits(cfg: DataConfig, seed: int, run_dir: Path | None = None) -> Spli
             for k, (x, _, _) in parts.items()}
     pre = {"image_size": cfg.image_size, "channels": cfg.channels, "layout": "NCHW", "dtype": "float32",
            "scale": "1/16 (digits 0..16)" if cfg.kind == "digits" else "1/255",
-           "mean": [float(m) for m in mean], "std": [float(s) for s in std], "resize": "bilinear"}
+           "mean": [float(m) for m in mean], "std": [float(s) for s in std], "resize": "bilinear",
+           "mean_std_from": "recipe" if cfg.mean and cfg.std else "train split"}
     if run_dir is not None and not (run_dir / "splits.json").exists():
-        (run_dir / "splits.json").write_text(json.dumps(
-            {"seed": seed, "classes": classes, "preprocessing": pre,
+        # atomic: under torchrun every rank gets here; file lists are relative to data.root
+        from .artifacts import atomic_write_text
+        atomic_write_text(run_dir / "splits.json", json.dumps(
+            {"seed": seed, "root": str(cfg.root) if cfg.root else None, "classes": classes, "preprocessing": pre,
              **{k: ids for k, (_, _, ids) in parts.items()}}, indent=1))
     return Splits(norm["train"], parts["train"][1], norm["val"], parts["val"][1], norm["test"], parts["test"][1],
                   classes, pre)

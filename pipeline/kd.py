@@ -6,9 +6,12 @@ The T^2 factor keeps the soft-target gradients on the same scale as the hard-lab
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+Objective = Callable[[torch.Tensor], torch.Tensor]  # logits -> scalar to maximise
 
 
 def kl_soft(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
@@ -53,22 +56,40 @@ def ensemble_logits(teacher_logits: list[torch.Tensor], T: float) -> torch.Tenso
     return T * torch.log(probs.clamp_min(1e-12))
 
 
-def fgsm(model: torch.nn.Module, x: torch.Tensor, target_logits: torch.Tensor, eps: float, T: float) -> torch.Tensor:
-    """One signed-gradient step that pushes the student away from the teacher (FGSM on the KD loss)."""
-    return pgd(model, x, target_logits, eps, T, steps=1, step_size=eps)
+def fgsm(model: torch.nn.Module, x: torch.Tensor, objective: Objective, eps: float) -> torch.Tensor:
+    """Fast gradient sign method (Goodfellow et al. 2015): one step of size eps up the objective's gradient."""
+    return pgd(model, x, objective, eps, steps=1, step_size=eps, random_start=False)
 
 
-def pgd(model: torch.nn.Module, x: torch.Tensor, target_logits: torch.Tensor, eps: float, T: float, steps: int,
-        step_size: float | None = None) -> torch.Tensor:
-    """Projected gradient ascent on KL(teacher || student) inside an L-inf ball of radius eps."""
-    step_size = step_size or 2.5 * eps / max(steps, 1)
+def pgd(model: torch.nn.Module, x: torch.Tensor, objective: Objective, eps: float, steps: int,
+        step_size: float | None = None, random_start: bool = True) -> torch.Tensor:
+    """Projected gradient ascent on objective(model(x_adv)) inside an L-inf ball of radius eps (Madry et al. 2018).
+
+    eps is in the units of x (normalised pixels here). Runs the model in eval mode: BatchNorm statistics must
+    not move while crafting the attack. The model's parameter gradients are left untouched.
+    """
+    if eps == 0 or steps == 0:
+        return x.detach().clone()
+    step_size = step_size or 2.5 * eps / steps
     was = model.training
-    model.eval()  # BN statistics must not move while crafting the attack
+    model.eval()
     adv = x.detach().clone()
+    if random_start:
+        adv = adv + torch.empty_like(adv).uniform_(-eps, eps)
     for _ in range(steps):
         adv.requires_grad_(True)
-        loss = kl_soft(model(adv), target_logits.detach(), T).sum()
-        (grad,) = torch.autograd.grad(loss, adv)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(objective(model(adv)), adv)
         adv = (adv.detach() + step_size * grad.sign()).clamp(x - eps, x + eps)
     model.train(was)
     return adv.detach()
+
+
+def kd_objective(teacher_logits: torch.Tensor, T: float) -> Objective:
+    """Attack objective for training: push the student away from the teacher, sum of KL(teacher_T || student_T)."""
+    return lambda out: kl_soft(out, teacher_logits.detach(), T).sum()
+
+
+def ce_objective(y: torch.Tensor) -> Objective:
+    """Attack objective for evaluation: the usual untargeted attack on the labels."""
+    return lambda out: F.cross_entropy(out, y, reduction="sum")

@@ -87,27 +87,41 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
 def build(spec: ModelSpec, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """A model from its spec, with the checkpoint loaded when the spec names one."""
     kw = dict(spec.kwargs)
-    if spec.arch == "cnn":
-        model: nn.Module = SmallCNN(in_channels, num_classes, image_size, **kw)
-    elif spec.arch == "resnet":
-        model = NarrowResNet(in_channels, num_classes, image_size, **kw)
-    elif ":" in spec.arch:
-        mod_name, _, fn_name = spec.arch.partition(":")
-        try:
-            factory = getattr(importlib.import_module(mod_name), fn_name)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"models: arch '{spec.arch}': cannot import ({e}). The module must be importable "
-                              f"from the working directory or an installed package.") from None
-        model = factory(**kw)
-    else:
-        import torchvision
-        if spec.arch not in torchvision.models.list_models():
-            raise ConfigError(f"models: arch '{spec.arch}' is not 'cnn', 'resnet', 'pkg.module:factory' or a "
-                              f"torchvision model (e.g. resnet18, mobilenet_v3_small, efficientnet_b0).")
-        model = torchvision.models.get_model(spec.arch, weights=None, num_classes=num_classes, **kw)
-        _adapt_first_conv(model, in_channels)
+    try:
+        if spec.arch == "cnn":
+            model: nn.Module = SmallCNN(in_channels, num_classes, image_size, **kw)
+        elif spec.arch == "resnet":
+            model = NarrowResNet(in_channels, num_classes, image_size, **kw)
+        elif ":" in spec.arch:
+            model = _factory(spec.arch)(**kw)
+        else:
+            model = _torchvision(spec.arch, in_channels, num_classes, kw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"models: arch '{spec.arch}' with kwargs {kw}: {e}. Fix models.*.kwargs; for torchvision "
+                          f"nets width is `width_mult` (mobilenet_v2, mobilenet_v3_*) or a sized variant "
+                          f"(resnet18..152, efficientnet_b0..b7, shufflenet_v2_x0_5..x2_0, mnasnet0_5..1_3).") from None
     if spec.checkpoint is not None:
         load_checkpoint(model, spec.checkpoint)
+    return model
+
+
+def _factory(arch: str):
+    mod_name, _, fn_name = arch.partition(":")
+    try:
+        return getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"models: arch '{arch}': cannot import ({e}). The module must be importable "
+                          f"from the working directory or an installed package.") from None
+
+
+def _torchvision(arch: str, in_channels: int, num_classes: int, kw: dict[str, Any]) -> nn.Module:
+    """A torchvision net, random init, num_classes outputs, first conv rebuilt for in_channels."""
+    import torchvision
+    if arch not in torchvision.models.list_models():
+        raise ConfigError(f"models: arch '{arch}' is not 'cnn', 'resnet', 'pkg.module:factory' or a "
+                          f"torchvision model (e.g. resnet18, mobilenet_v3_small, efficientnet_b0).")
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kw)
+    _adapt_first_conv(model, in_channels)
     return model
 
 

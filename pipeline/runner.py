@@ -22,6 +22,7 @@ from .config import STAGES, ConfigError, Profile, RecipeBase
 from .context import Context, StageError
 
 RUN_SCHEMA = 1
+DISTRIBUTED_STAGES = ("teacher", "distill")  # the training stages that run under torchrun with --nproc > 1
 
 
 def stage_module(name: str):
@@ -53,13 +54,15 @@ def _point_latest(runs_dir: Path, run_dir: Path) -> None:
     tmp.replace(link)
 
 
-def _key(name: str, cfg: Any, recipe: RecipeBase, profile: Profile, inputs: Artifacts) -> str:
+def _key(name: str, cfg: Any, recipe: RecipeBase, profile: Profile, inputs: Artifacts, nproc: int = 1) -> str:
     payload = {
         "stage": name,
         "config": cfg.model_dump(mode="json"),
         "recipe": recipe.model_dump(mode="json", include={"seed", "data", "models", "max_accuracy_drop_per_stage"}),
         "inputs": {k: a.sha256 for k, a in sorted(inputs.items())},
     }
+    if name in DISTRIBUTED_STAGES and nproc > 1:  # DDP results differ slightly from one process's
+        payload["nproc"] = nproc
     if getattr(stage_module(name), "USES_PROFILE", False):
         payload["profile"] = profile.model_dump(mode="json", exclude={"description", "device"})
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -107,7 +110,7 @@ class Runner:
                 self._save()
                 ctx.log(f"[dim]· {name}: disabled in the recipe[/]")
                 continue
-            key = _key(name, cfg, ctx.recipe, ctx.profile, artifacts)
+            key = _key(name, cfg, ctx.recipe, ctx.profile, artifacts, self.nproc)
             prev = self.record["stages"].get(name, {})
             if resume and prev.get("status") == "ok" and prev.get("key") == key \
                     and _still_valid(self.run_dir, prev.get("outputs", {})):
@@ -133,7 +136,12 @@ class Runner:
         ctx.log(f"[bold cyan]▶ {name}[/]")
         t0 = time.perf_counter()
         try:
-            outputs = mod.run(dict(inputs), cfg, ctx)
+            if self.nproc > 1 and name in DISTRIBUTED_STAGES:
+                from .distributed import run_stage_distributed
+                outputs, ctx.results[name] = run_stage_distributed(self.run_dir, name, self.nproc,
+                                                                   quiet=ctx.console.quiet)
+            else:
+                outputs = mod.run(dict(inputs), cfg, ctx)
             for art in outputs.values():
                 art.sha256, art.size_bytes = fingerprint(self.run_dir / art.name)
         except Exception as e:  # recorded, then re-raised: the CLI decides how loud to be

@@ -1,7 +1,14 @@
-"""distill: train the student against the frozen teacher, and the same student from scratch on the same budget."""
+"""distill: train the student against the frozen teacher, and the same student from scratch on the same budget.
+
+Methods (`method`): hinton (soft targets), feature (FitNets hint + soft targets), dynamic (per-sample alpha
+from the teacher's certainty), adversarial (batches extended with FGSM/PGD inputs), self (born-again
+generations), ensemble (the teacher and models.extra_teachers, soft targets averaged; the teacher stage
+trains the extra teachers and saves them as teacher-1.pt, teacher-2.pt, ...).
+"""
 from __future__ import annotations
 
-from typing import Literal
+import copy
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -10,62 +17,271 @@ from torch import nn
 
 from pipeline import kd, models
 from pipeline.artifacts import Artifacts
-from pipeline.context import Context
-from pipeline.train import TrainConfig, accuracy, fit, seed_everything
+from pipeline.context import Context, StageError
+from pipeline.train import LossFn, TrainConfig, accuracy, fit, seed_everything, train_device
 from stages._common import augmenter, build_info, model_artifact
+
+DISTRIBUTED = True  # the runner may run this stage under torchrun (pipeline.distributed)
+Method = Literal["hinton", "feature", "dynamic", "adversarial", "self", "ensemble"]
+TeacherFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Config(TrainConfig):
-    method: Literal["hinton"] = Field("hinton", description="KD method")
+    method: Method = Field("hinton", description="KD method; its settings below are ignored by the others")
     temperature: float = Field(4.0, gt=0, description="softens both distributions; T^2 rescales the KD term")
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the KD term; 1 - alpha on cross-entropy")
-
-
-def load_teacher(inputs: Artifacts, ctx: Context) -> nn.Module:
-    """The frozen teacher: a PyTorch module in eval mode, or an ONNX teacher run through onnxruntime."""
-    if "teacher.onnx" in inputs and inputs["teacher.onnx"].meta.get("given"):
-        from pipeline.models import OnnxModule
-        return OnnxModule(ctx.path("teacher.onnx"))
-    teacher = models.load(ctx.path("teacher.pt"), inputs["teacher.pt"].meta)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher.eval()
+    student_layer: str = Field("features", description="feature: student module whose output is the hint input "
+                                                       "(a name from model.named_modules())")
+    teacher_layer: str = Field("features", description="feature: teacher module whose output is the hint target")
+    beta: float = Field(1.0, ge=0, description="feature: weight of the hint MSE added to the logit loss")
+    attack: Literal["fgsm", "pgd"] = Field("fgsm", description="adversarial: how the extra inputs are made")
+    eps: float = Field(0.25, ge=0, description="adversarial: L-inf radius, in normalised pixel units (std = 1)")
+    attack_steps: int = Field(3, ge=1, description="adversarial: PGD steps (FGSM takes one)")
+    adv_target: Literal["clean", "perturbed"] = Field(
+        "clean", description="adversarial: the student matches the teacher's output on the clean input (ARD, for "
+                             "robustness) or on the perturbed one (function matching near the decision boundary)")
+    augment: bool = Field(True, description="apply data.augment to both students' batches; off: the teacher "
+                                            "(trained with it) passes its invariances on through its soft targets")
+    generations: int = Field(2, ge=1, description="self: students trained in turn, each the teacher of the next; "
+                                                  "the first learns from the recipe's teacher")
 
 
 def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     """Distill the student from the teacher; train the scratch baseline; report the gap closed."""
-    # 1) data, teacher, two students with the same initialisation
+    # 1) data, teachers, two students with the same initialisation
     data, spec, seed = ctx.data(), ctx.recipe.models.student, ctx.recipe.seed
-    teacher = load_teacher(inputs, ctx)
+    teachers = load_teachers(inputs, ctx, ensemble=cfg.method == "ensemble")
     seed_everything(seed)
     student = models.build(spec, *build_info(data))
-    scratch = models.build(spec, *build_info(data))
-    scratch.load_state_dict(student.state_dict())
-    aug = augmenter(ctx.recipe.data.augment, seed)
-    # 2) KD student
-    T, alpha = cfg.temperature, cfg.alpha
-
-    def kd_loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor, _idx) -> torch.Tensor:
-        with torch.no_grad():
-            t = teacher(x)
-        return kd.hinton(m(x), t, y, T, alpha).mean()
-
-    h_kd = fit(student, kd_loss, data.x_train, data.y_train, data.x_val, data.y_val, cfg, seed=seed,
-               desc=f"student ({cfg.method} KD)", augment=aug, log=ctx.log)
-    # 3) scratch baseline: same epochs, seed, data, schedule
-    h_sc = fit(scratch, lambda m, x, y, _: F.cross_entropy(m(x), y), data.x_train, data.y_train, data.x_val,
-               data.y_val, cfg, seed=seed, desc="student (scratch)", augment=aug, log=ctx.log)
+    scratch = copy.deepcopy(student)
+    aug = augmenter(ctx.recipe.data.augment, seed) if cfg.augment else None
+    train = dict(x=data.x_train, y=data.y_train, x_val=data.x_val, y_val=data.y_val, cfg=cfg, seed=seed,
+                 augment=aug, console=ctx.console if ctx.rank == 0 else None)
+    # 2) KD student (self: several generations, each taught by the one before)
+    extra: dict = {}
+    teacher_fn = base_fn = ensemble_fn(teachers, cfg.temperature)
+    for gen in range(1, (cfg.generations if cfg.method == "self" else 1) + 1):
+        if gen > 1:
+            teacher_fn, student = _frozen(student), _fresh(spec, data, seed + gen)
+        # without augmentation the teacher's outputs on the training split never change: compute them once
+        cache = None if aug is not None or cfg.method == "feature" else _logits(teacher_fn, data.x_train)
+        net, loss = make_loss(cfg, student, teacher_fn, teachers[0], data.input_shape, cache)
+        h_kd = fit(net, loss, desc=f"student ({cfg.method} KD{f', gen {gen}' if gen > 1 else ''})", **train)
+        if isinstance(net, Hinted):
+            net.detach_hook()
+        if cfg.method == "self":
+            extra.setdefault("generations", []).append(
+                {"generation": gen, "val_acc": h_kd["best_val_acc"], "test_acc": accuracy(student, data.x_test,
+                                                                                          data.y_test)})
+    # 3) scratch baseline: same epochs (per generation), seed, initialisation, data, schedule
+    h_sc = fit(scratch, lambda m, x, y, _: F.cross_entropy(m(x), y), desc="student (scratch)", **train)
     # 4) measure, save
-    acc_t = accuracy(teacher, data.x_test, data.y_test)
-    acc_kd = accuracy(student, data.x_test, data.y_test)
-    acc_sc = accuracy(scratch, data.x_test, data.y_test)
+    acc_t = _acc_fn(base_fn, data)
+    acc_kd, acc_sc = accuracy(student, data.x_test, data.y_test), accuracy(scratch, data.x_test, data.y_test)
+    if cfg.method == "adversarial":
+        extra.update(_robustness(student, scratch, data, cfg))
     gap = acc_t - acc_sc
     ctx.results["distill"] = {
-        "method": cfg.method, "acc_teacher": acc_t, "acc_kd": acc_kd, "acc_scratch": acc_sc,
-        "gap_closed": (acc_kd - acc_sc) / gap if gap > 0 else None,
+        "method": cfg.method, "teachers": len(teachers), "acc_teacher": acc_t, "acc_kd": acc_kd,
+        "acc_scratch": acc_sc, "gap_closed": (acc_kd - acc_sc) / gap if gap > 0 else None, **extra,
         "val_kd": h_kd["best_val_acc"], "val_scratch": h_sc["best_val_acc"],
         "history_kd": h_kd["history"], "history_scratch": h_sc["history"]}
-    ctx.log(f"  test acc (PyTorch): teacher {acc_t:.4f}  KD student {acc_kd:.4f}  scratch student {acc_sc:.4f}")
+    ctx.log(f"  test acc (PyTorch): teacher {acc_t:.4f}  KD student {acc_kd:.4f}  scratch student {acc_sc:.4f}"
+            + (f"  under {extra['attack']}: KD {extra['acc_kd_attacked']:.4f}, scratch "
+               f"{extra['acc_scratch_attacked']:.4f}" if "attack" in extra else ""))
     return {"student.pt": model_artifact(ctx, student, "student.pt", "student", spec, test_acc=acc_kd),
             "student-scratch.pt": model_artifact(ctx, scratch, "student-scratch.pt", "student-scratch", spec,
                                                  test_acc=acc_sc)}
+
+
+def load_teachers(inputs: Artifacts, ctx: Context, ensemble: bool = False) -> list[nn.Module]:
+    """The frozen teacher, then (ensemble only) the extra teachers the teacher stage saved as teacher-<i>.*."""
+    names = ["teacher"] + ([f"teacher-{i}" for i in range(1, len(ctx.recipe.models.extra_teachers) + 1)]
+                           if ensemble else [])
+    if ensemble and len(names) == 1:
+        raise StageError("distill: method 'ensemble' needs more than one teacher: list them under "
+                         "models.extra_teachers in the recipe (the teacher stage trains them).")
+    out = []
+    for name in names:
+        if f"{name}.onnx" in inputs and inputs[f"{name}.onnx"].meta.get("given"):
+            out.append(models.OnnxModule(ctx.path(f"{name}.onnx")))
+            continue
+        if f"{name}.pt" not in inputs:
+            raise StageError(f"distill: no {name}.pt from the teacher stage; rerun it (without --resume).")
+        out.append(_freeze(models.load(ctx.path(f"{name}.pt"), inputs[f"{name}.pt"].meta)))
+    return out
+
+
+def load_teacher(inputs: Artifacts, ctx: Context) -> nn.Module:
+    """The recipe's teacher, frozen (PyTorch in eval mode, or ONNX through onnxruntime)."""
+    return load_teachers(inputs, ctx)[0]
+
+
+def ensemble_fn(teachers: list[nn.Module], T: float) -> TeacherFn:
+    """Teacher logits for a batch: one teacher's, or logits whose softmax(./T) is the teachers' mean."""
+    dev = train_device()
+    for t in teachers:
+        if not isinstance(t, models.OnnxModule):
+            t.to(dev)
+
+    @torch.no_grad()
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        outs = [t(x).to(x.device) for t in teachers]
+        return outs[0] if len(outs) == 1 else kd.ensemble_logits(outs, T)
+    return fn
+
+
+def make_loss(cfg: Config, student: nn.Module, teacher_fn: TeacherFn, teacher: nn.Module | None = None,
+              input_shape: tuple[int, ...] = (), cache: torch.Tensor | None = None) -> tuple[nn.Module, LossFn]:
+    """The module fit() trains (the student, or student + hint adapter) and the per-batch KD loss of cfg.method.
+
+    `teacher` and `input_shape` are needed by `feature` only (hooks on the teacher, a probe to size the adapter).
+    `cache`: the teacher's logits for every training sample, looked up by the batch indices fit() passes (only
+    valid when batches are not augmented).
+    """
+    T, alpha = cfg.temperature, cfg.alpha
+    if cfg.method == "feature":
+        return _feature_loss(cfg, student, teacher, input_shape)
+
+    def t_of(x: torch.Tensor, idx) -> torch.Tensor:
+        return teacher_fn(x) if cache is None or idx is None else cache[idx].to(x.device)
+
+    if cfg.method == "dynamic":
+        def loss(m, x, y, idx):
+            t = t_of(x, idx)
+            return kd.hinton(m(x), t, y, T, kd.dynamic_alpha(t, T, alpha)).mean()
+    elif cfg.method == "adversarial":
+        def loss(m, x, y, idx):
+            # the attack pushes the student away from the teacher; the student then matches the teacher there:
+            # on its clean output (ARD, Goldblum et al. 2020) or on the perturbed input (Heo et al. 2019)
+            t = t_of(x, idx)
+            x_adv = _attack(_unwrap(m), x, kd.kd_objective(t, T), cfg)
+            t_adv = t if cfg.adv_target == "clean" else teacher_fn(x_adv)
+            return kd.hinton(m(torch.cat([x, x_adv])), torch.cat([t, t_adv]), torch.cat([y, y]), T, alpha).mean()
+    else:  # hinton, self (each generation), ensemble (teacher_fn averages)
+        def loss(m, x, y, idx):
+            return kd.hinton(m(x), t_of(x, idx), y, T, alpha).mean()
+    return student, loss
+
+
+class Hinted(nn.Module):
+    """The student with a learned adapter from its hint layer to the teacher's (FitNets, Romero et al. 2015).
+
+    Trained as one module so DDP also averages the adapter's gradients; the hook keeps the student's feature.
+    """
+
+    def __init__(self, student: nn.Module, layer: str, adapter: nn.Module):
+        super().__init__()
+        self.student, self.adapter, self.feat = student, adapter, None
+        self._hook = _module(student, layer, "student_layer").register_forward_hook(self._keep)
+
+    def _keep(self, _m, _i, out):
+        self.feat = out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+    def hint(self, teacher_feat: torch.Tensor) -> torch.Tensor:
+        """Per-sample MSE between the adapted student feature and the teacher's."""
+        return kd.feature_hint(self.feat, teacher_feat, self.adapter)
+
+    def detach_hook(self) -> None:
+        self._hook.remove()
+
+
+def _feature_loss(cfg: Config, student: nn.Module, teacher: nn.Module | None, input_shape: tuple[int, ...]
+                  ) -> tuple[nn.Module, LossFn]:
+    if teacher is None or isinstance(teacher, models.OnnxModule):
+        raise StageError("distill: method 'feature' needs a PyTorch teacher (an ONNX teacher exposes only its "
+                         "logits). Give models.teacher as arch + checkpoint, or pick method 'hinton'.")
+    feats: dict[str, torch.Tensor] = {}
+    _module(teacher, cfg.teacher_layer, "teacher_layer").register_forward_hook(lambda _m, _i, o: feats.update(t=o))
+    probe = torch.zeros(2, *input_shape)
+    hinted = Hinted(student, cfg.student_layer, nn.Identity())
+    with torch.no_grad():  # one probe through both nets gives the channel counts the adapter maps between
+        hinted.eval()(probe)
+        teacher(probe.to(_device(teacher)))
+    s, t = hinted.feat, feats["t"]
+    if s.dim() != t.dim() or s.dim() not in (2, 4):
+        raise StageError(f"distill: feature hint needs two (N, C, H, W) or two (N, C) outputs; student_layer gives "
+                         f"{tuple(s.shape)}, teacher_layer {tuple(t.shape)}. Pick other layers.")
+    hinted.adapter = (nn.Conv2d(s.shape[1], t.shape[1], 1, bias=False) if s.dim() == 4
+                      else nn.Linear(s.shape[1], t.shape[1], bias=False))
+    T, alpha, beta = cfg.temperature, cfg.alpha, cfg.beta
+
+    def loss(m, x, y, _):
+        h = _unwrap(m)
+        with torch.no_grad():
+            t_logits = teacher(x)
+        out = m(x)
+        return (kd.hinton(out, t_logits, y, T, alpha) + beta * h.hint(feats["t"])).mean()
+    return hinted, loss
+
+
+def attacked_accuracy(model: nn.Module, x, y, cfg: Config, batch: int = 256) -> float:
+    """Accuracy on inputs perturbed by cfg's attack against the labels (cross-entropy), same eps and steps."""
+    correct = 0
+    for i in range(0, len(x), batch):
+        xb, yb = torch.from_numpy(x[i:i + batch]), torch.from_numpy(y[i:i + batch])
+        adv = _attack(model, xb, kd.ce_objective(yb), cfg)
+        with torch.no_grad():
+            correct += int((model.eval()(adv).argmax(1) == yb).sum())
+    return correct / max(len(x), 1)
+
+
+def _robustness(student: nn.Module, scratch: nn.Module, data, cfg: Config) -> dict:
+    """Both students' test accuracy under the training attack (eps, steps), aimed at the labels."""
+    return {"attack": f"{cfg.attack} eps={cfg.eps}" + (f" steps={cfg.attack_steps}" if cfg.attack == "pgd" else ""),
+            "acc_kd_attacked": attacked_accuracy(student, data.x_test, data.y_test, cfg),
+            "acc_scratch_attacked": attacked_accuracy(scratch, data.x_test, data.y_test, cfg)}
+
+
+def _attack(model: nn.Module, x: torch.Tensor, objective, cfg: Config) -> torch.Tensor:
+    if cfg.attack == "fgsm":
+        return kd.fgsm(model, x, objective, cfg.eps)
+    return kd.pgd(model, x, objective, cfg.eps, cfg.attack_steps)
+
+
+def _logits(teacher_fn: TeacherFn, x, batch: int = 512) -> torch.Tensor:
+    dev = train_device()
+    return torch.cat([teacher_fn(torch.from_numpy(x[i:i + batch]).to(dev)).cpu() for i in range(0, len(x), batch)])
+
+
+def _acc_fn(teacher_fn: TeacherFn, data) -> float:
+    return float((_logits(teacher_fn, data.x_test).argmax(1).numpy() == data.y_test).mean())
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def _frozen(student: nn.Module) -> TeacherFn:
+    """A trained generation as the next one's teacher (self-distillation)."""
+    teacher = _freeze(copy.deepcopy(student)).to(train_device())
+    return torch.no_grad()(lambda x: teacher(x))
+
+
+def _fresh(spec, data, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return models.build(spec, *build_info(data))
+
+
+def _module(model: nn.Module, name: str, field: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n][:12]
+        raise StageError(f"distill.{field}: '{name}' is not a module of the model. Some that are: "
+                         f"{', '.join(names)}.") from None
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
+
+
+def _device(m: nn.Module) -> torch.device:
+    p = next(m.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+

@@ -46,6 +46,8 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
                              f"raise export.atol only if the difference is understood.")
         ctx.log(f"  {onnx_name}: parity max |diff| {parity['max_abs']:.2e} on {len(x)} test images")
         meta = {k: v for k, v in art.meta.items() if k in ("role", "params", "macs", "test_acc")}
+        if art.meta.get("predecessor"):  # the stage it should beat, for the report's "not faster" flag
+            meta["predecessor"] = art.meta["predecessor"].removesuffix(".pt") + ".onnx"
         out[onnx_name] = Artifact(name=onnx_name, kind="onnx", stage="export", meta={
             **meta, "precision": "fp32", "source": name, "source_stage": art.stage, "opset": cfg.opset,
             "parity_vs_torch": parity})

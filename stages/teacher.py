@@ -1,14 +1,24 @@
-"""teacher: train the teacher with cross-entropy, or load the recipe's checkpoint; save teacher.pt."""
+"""teacher: train the teacher (and models.extra_teachers) with cross-entropy, or load what the recipe gives.
+
+Writes teacher.pt (or teacher.onnx when the recipe gives an ONNX teacher) and teacher-1.pt, teacher-2.pt, ...
+for the extra teachers, which ensemble KD averages. Extra teacher i trains with seed + i, so copies of one
+spec still differ.
+"""
 from __future__ import annotations
+
+import shutil
 
 import torch.nn.functional as F
 from pydantic import Field
 
 from pipeline import models
-from pipeline.artifacts import Artifact, Artifacts
+from pipeline.artifacts import Artifact, Artifacts, files
+from pipeline.config import ModelSpec
 from pipeline.context import Context
 from pipeline.train import TrainConfig, accuracy, fit, seed_everything
 from stages._common import augmenter, build_info, model_artifact
+
+DISTRIBUTED = True  # the runner may run this stage under torchrun (pipeline.distributed)
 
 
 class Config(TrainConfig):
@@ -16,40 +26,51 @@ class Config(TrainConfig):
 
 
 def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
-    """Train (or load) the teacher, report its validation and test accuracy, save teacher.pt."""
+    """Train (or load) the teacher and any extra teachers; report validation and test accuracy; save them."""
+    specs = [("teacher", ctx.recipe.models.teacher)] + [
+        (f"teacher-{i}", s) for i, s in enumerate(ctx.recipe.models.extra_teachers, 1)]
+    out: Artifacts = {}
+    for i, (name, spec) in enumerate(specs):
+        art, res = _onnx_teacher(ctx, name, spec) if spec.onnx is not None else \
+            _torch_teacher(ctx, name, spec, cfg, ctx.recipe.seed + i)
+        out[art.name] = art
+        if i == 0:
+            ctx.results["teacher"] = res
+        else:
+            ctx.results["teacher"].setdefault("extra", []).append({"name": art.name, **res})
+    return out
+
+
+def _torch_teacher(ctx: Context, name: str, spec: ModelSpec, cfg: Config, seed: int) -> tuple[Artifact, dict]:
     # 1) data and model
-    data, spec = ctx.data(), ctx.recipe.models.teacher
-    if spec.onnx is not None:
-        return _onnx_teacher(ctx)
-    seed_everything(ctx.recipe.seed)
+    data = ctx.data()
+    seed_everything(seed)
     model = models.build(spec, *build_info(data))
     # 2) train unless a checkpoint was given
     history: dict = {}
     if spec.checkpoint is None:
         history = fit(model, lambda m, x, y, _: F.cross_entropy(m(x), y), data.x_train, data.y_train,
-                      data.x_val, data.y_val, cfg, seed=ctx.recipe.seed, desc="teacher",
-                      augment=augmenter(ctx.recipe.data.augment, ctx.recipe.seed), log=ctx.log)
+                      data.x_val, data.y_val, cfg, seed=seed, desc=name,
+                      augment=augmenter(ctx.recipe.data.augment, seed),
+                      console=ctx.console if ctx.rank == 0 else None)
     # 3) measure and save
     val, test = accuracy(model, data.x_val, data.y_val), accuracy(model, data.x_test, data.y_test)
-    ctx.results["teacher"] = {"val_acc": val, "test_acc": test, "source": "checkpoint" if spec.checkpoint else "trained",
-                              "epochs_run": history.get("epochs_run", 0), "history": history.get("history", [])}
-    ctx.log(f"  teacher: val acc {val:.4f}, test acc {test:.4f} (PyTorch)")
-    return {"teacher.pt": model_artifact(ctx, model, "teacher.pt", "teacher", spec, val_acc=val, test_acc=test)}
+    ctx.log(f"  {name}: val acc {val:.4f}, test acc {test:.4f} (PyTorch)")
+    res = {"val_acc": val, "test_acc": test, "source": "checkpoint" if spec.checkpoint else "trained",
+           "epochs_run": history.get("epochs_run", 0), "history": history.get("history", [])}
+    return model_artifact(ctx, model, f"{name}.pt", "teacher", spec, val_acc=val, test_acc=test), res
 
 
-def _onnx_teacher(ctx: Context) -> Artifacts:
-    """A teacher given as ONNX is copied in as the teacher artifact; the distill stage runs it with onnxruntime."""
-    import shutil
-
-    from pipeline.artifacts import files
-    from pipeline.models import OnnxModule
-    data, src = ctx.data(), ctx.recipe.models.teacher.onnx
-    for f in files(src):
-        shutil.copy2(f, ctx.path("teacher.onnx" if f == src else f.name))
-    teacher = OnnxModule(ctx.path("teacher.onnx"))
+def _onnx_teacher(ctx: Context, name: str, spec: ModelSpec) -> tuple[Artifact, dict]:
+    """An ONNX teacher is copied in (rank 0) as <name>.onnx; the distill stage runs it with onnxruntime."""
+    data, src = ctx.data(), spec.onnx
+    if ctx.rank == 0:
+        for f in files(src):
+            shutil.copy2(f, ctx.path(f"{name}.onnx" if f == src else f.name))
+    teacher = models.OnnxModule(src)  # the source, not the copy: other ranks must not wait for rank 0's copy
     val, test = accuracy(teacher, data.x_val, data.y_val), accuracy(teacher, data.x_test, data.y_test)
-    ctx.results["teacher"] = {"val_acc": val, "test_acc": test, "source": f"onnx: {src}"}
-    ctx.log(f"  teacher (ONNX, onnxruntime): val acc {val:.4f}, test acc {test:.4f}")
-    return {"teacher.onnx": Artifact(name="teacher.onnx", kind="onnx", stage="teacher",
-                                     meta={"role": "teacher", "precision": "fp32", "val_acc": val,
-                                           "torch_test_acc": test, "given": True})}
+    ctx.log(f"  {name} (ONNX, onnxruntime): val acc {val:.4f}, test acc {test:.4f}")
+    art = Artifact(name=f"{name}.onnx", kind="onnx", stage="teacher",
+                   meta={"role": "teacher", "precision": "fp32", "val_acc": val, "torch_test_acc": test,
+                         "given": True})
+    return art, {"val_acc": val, "test_acc": test, "source": f"onnx: {src}"}

@@ -1,0 +1,103 @@
+"""Data a recipe can name: an ImageFolder written from the digits as PNGs; splits; augmentation."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import Augment, ConfigError, DataConfig
+from pipeline.data import load_splits
+from pipeline.train import TrainConfig, fit
+from stages._common import augmenter
+
+PER_CLASS = 14  # 140 images: enough for stratified 20 % / 15 % hold-outs of every class
+
+
+def _digits_pngs(root, parts: dict[str, int], rgb: bool = False) -> None:
+    """Write the first digits of each class as PNGs under root/<part>/<class>/ (or root/<class>/ for part '')."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    for c in range(10):
+        imgs = d.images[d.target == c]
+        start = 0
+        for part, n in parts.items():
+            (root / part / str(c)).mkdir(parents=True, exist_ok=True)
+            for i, img in enumerate(imgs[start:start + n]):
+                a = (img * 255 / 16).astype(np.uint8)
+                im = Image.fromarray(np.stack([a, a // 2, 255 - a], -1) if rgb else a)
+                im.save(root / part / str(c) / f"{c}-{i}.png")
+            start += n
+
+
+def _assert_stratified(y: np.ndarray, classes: int) -> None:
+    """Every class held out in the same proportion, up to rounding (one image)."""
+    counts = Counter(y.tolist())
+    assert len(counts) == classes and max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_imagefolder_with_train_and_test_folders_grayscale(tmp_path):
+    _digits_pngs(tmp_path / "data", {"train": PER_CLASS, "test": 4})
+    cfg = DataConfig(kind="imagefolder", root=tmp_path / "data", image_size=8, channels=1)
+    s = load_splits(cfg, seed=0, run_dir=tmp_path)
+    assert s.classes == [str(c) for c in range(10)] and s.input_shape == (1, 8, 8)
+    assert len(s.x_test) == 40 and len(s.x_train) + len(s.x_val) == 10 * PER_CLASS
+    _assert_stratified(s.y_val, 10)  # val taken from train/
+    # mean and std were fitted on train and recorded
+    assert abs(s.x_train.mean()) < 1e-4 and s.x_train.std() == pytest.approx(1, abs=1e-3)
+    assert s.preprocessing["mean_std_from"] == "train split"
+    # the split file lists, relative to data.root, disjoint, test from test/
+    splits = json.loads((tmp_path / "splits.json").read_text())
+    assert len(splits["train"]) == len(s.x_train) and all(p.startswith("test/") for p in splits["test"])
+    assert not set(splits["train"]) & set(splits["val"])
+
+
+def test_single_folder_rgb_resized_split_by_recipe_stratified_and_seeded(tmp_path):
+    _digits_pngs(tmp_path / "data", {"": PER_CLASS}, rgb=True)
+    cfg = DataConfig(kind="imagefolder", root=tmp_path / "data", image_size=16, channels=3,
+                     mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "c").mkdir()
+    s = load_splits(cfg, seed=0, run_dir=tmp_path / "a")
+    assert s.x_train.shape[1:] == (3, 16, 16) and s.preprocessing["mean"] == [0.5] * 3
+    _assert_stratified(s.y_test, 10)
+    x_raw = s.x_test * 0.25 + 0.5
+    assert (x_raw[:, 0] >= x_raw[:, 1] - 1e-3).all()  # the channels kept their order (R = a, G = a/2)
+    load_splits(cfg, seed=0, run_dir=tmp_path / "b")
+    load_splits(cfg, seed=1, run_dir=tmp_path / "c")
+    lists = [json.loads((tmp_path / d / "splits.json").read_text()) for d in "abc"]
+    assert lists[0]["test"] == lists[1]["test"] != lists[2]["test"]
+
+
+def test_a_class_too_small_to_split_says_what_to_do(tmp_path):
+    _digits_pngs(tmp_path / "data", {"": 1})
+    with pytest.raises(ConfigError, match="Add images to the small classes"):
+        load_splits(DataConfig(kind="imagefolder", root=tmp_path / "data"), seed=0)
+
+
+@pytest.mark.parametrize("aug", [{"rotation_deg": 20}, {"scale": (0.7, 0.8)}, {"hflip": 1.0}, {"vflip": 1.0},
+                                 {"random_crop_padding": 2}, {"color_jitter": 0.5}, {"gaussian_noise": 0.3}])
+def test_each_augmentation_changes_inputs_and_keeps_the_shape(aug):
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 8, 8)
+    out = augmenter(Augment(**aug))(x)
+    assert out.shape == x.shape
+    changed = (out - x).flatten(1).abs().amax(1) > 1e-4
+    assert changed.float().mean() > 0.5
+
+
+def test_no_augmentation_configured_is_none_and_fit_augments_training_batches_only():
+    assert augmenter(Augment()) is None
+    seen: list[int] = []
+
+    def spy(xb: torch.Tensor) -> torch.Tensor:
+        seen.append(len(xb))
+        return xb + 0.01
+
+    s = load_splits(DataConfig(), seed=0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    fit(model, lambda m, x, y, _: torch.nn.functional.cross_entropy(m(x), y), s.x_train, s.y_train, s.x_val,
+        s.y_val, TrainConfig(epochs=2, batch_size=256, lr=0.05), seed=0, desc="spy", augment=spy)
+    assert seen and sum(seen) == 2 * len(s.x_train)  # every training sample, each epoch; never val or test

@@ -1,0 +1,65 @@
+"""Models a recipe can name: torchvision by name, pkg.module:factory with a checkpoint, clear refusals."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline import models
+from pipeline.config import ConfigError, ModelSpec
+
+
+def tiny_net(width: int = 4, num_classes: int = 3) -> nn.Module:
+    """A user's own factory, named in a recipe as tests.test_models:tiny_net."""
+    return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(width, num_classes))
+
+
+def test_torchvision_by_name_adapts_classes_channels_and_width():
+    full = models.build(ModelSpec(arch="mobilenet_v3_small"), in_channels=1, num_classes=7, image_size=32)
+    half = models.build(ModelSpec(arch="mobilenet_v3_small", kwargs={"width_mult": 0.5}), 1, 7, 32)
+    assert half(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+    assert sum(p.numel() for p in half.parameters()) < 0.6 * sum(p.numel() for p in full.parameters())
+    rgb = models.build(ModelSpec(arch="shufflenet_v2_x0_5"), 3, 5, 32)
+    assert rgb(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_bad_arch_or_kwargs_is_a_config_error_that_says_what_to_do():
+    with pytest.raises(ConfigError, match="not 'cnn', 'resnet'"):
+        models.build(ModelSpec(arch="resnet1"), 1, 10, 8)
+    with pytest.raises(ConfigError, match="width_mult"):
+        models.build(ModelSpec(arch="resnet18", kwargs={"width_mult": 0.5}), 1, 10, 8)
+    with pytest.raises(ConfigError, match="cannot import"):
+        models.build(ModelSpec(arch="tests.test_models:no_such_factory"), 1, 10, 8)
+
+
+def test_factory_with_kwargs_loads_a_ddp_prefixed_state_dict_checkpoint(tmp_path):
+    src = tiny_net(width=6)
+    ckpt = tmp_path / "w.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}, "epoch": 3}, ckpt)
+    spec = ModelSpec(arch="tests.test_models:tiny_net", kwargs={"width": 6}, checkpoint=ckpt)
+    got = models.build(spec, 1, 3, 8)
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(got(x), src(x))
+    torch.save(src.state_dict(), ckpt)  # a bare state_dict loads too
+    assert torch.equal(models.build(spec, 1, 3, 8)(x), src(x))
+
+
+def test_a_pickled_module_is_refused_with_how_to_convert(tmp_path):
+    ckpt = tmp_path / "whole.pt"
+    torch.save(tiny_net(), ckpt)  # the whole module: loading it would unpickle (run) arbitrary code
+    with pytest.raises(ConfigError, match=r"refused.*torch\.save\(torch\.load\(p, weights_only=False\)\.state_dict"):
+        models.load_checkpoint(tiny_net(), ckpt)
+
+
+def test_a_mismatched_checkpoint_lists_the_first_mismatching_keys(tmp_path):
+    ckpt = tmp_path / "w.pt"
+    torch.save(tiny_net(width=8).state_dict(), ckpt)
+    with pytest.raises(ConfigError, match=r"shape mismatch: 0\.weight: checkpoint \(8, 1, 3, 3\) vs model "
+                                          r"\(4, 1, 3, 3\)"):
+        models.load_checkpoint(tiny_net(width=4), ckpt)
+    state = tiny_net().state_dict()
+    state["extra.weight"] = state.pop("4.bias")
+    torch.save(state, ckpt)
+    with pytest.raises(ConfigError, match=r"missing from checkpoint: 4\.bias \| not in model: extra\.weight"):
+        models.load_checkpoint(tiny_net(), ckpt)
