@@ -53,7 +53,7 @@ def test_gpu_profiles_finish_on_a_cpu_host_with_honest_rows(tmp_path):
     for r in report["rows"]:
         if r["provider"] != "CPUExecutionProvider" and r["where"]["kind"] == "host" and not gpu_here:
             assert r["status"] == "skipped" and r["reason"]
-        if r["where"]["kind"] == "host" and r["provider"] == "CPUExecutionProvider":
+        if r["where"]["kind"] == "host" and r["provider"] == "CPUExecutionProvider" and r["status"] == "measured":
             assert not r["on_target"], "a host CPU number is never a GPU number"
             assert r["energy_mj"] is None and "not this machine" in r["energy_source"]
     assert any(r["status"] == "estimated" for r in report["rows"])

@@ -51,8 +51,11 @@ def test_external_data_is_counted_in_size_and_hash(tmp_path):
 
 
 def test_export_stage_records_parity(real_run):
-    rec = json.loads((real_run / "run.json").read_text())["stages"]["export"]
-    assert set(rec["outputs"]) == {"teacher.onnx", "student.onnx", "student-scratch.onnx"}
+    stages = json.loads((real_run / "run.json").read_text())["stages"]
+    rec = stages["export"]
+    torch_models = {n for s in stages.values() for n, o in s.get("outputs", {}).items() if o["kind"] == "torch"}
+    assert {"teacher.pt", "student.pt", "student-scratch.pt"} <= torch_models
+    assert set(rec["outputs"]) == {n.removesuffix(".pt") + ".onnx" for n in torch_models}
     for out in rec["outputs"].values():
         parity = out["meta"]["parity_vs_torch"]
         assert parity["max_abs"] <= parity["atol"] + parity["rtol"] * 100 and parity["argmax_agree"] == 1.0
