@@ -21,7 +21,6 @@ from pipeline.context import Context, StageError
 from pipeline.train import LossFn, TrainConfig, accuracy, fit, seed_everything, train_device
 from stages._common import augmenter, build_info, model_artifact
 
-DISTRIBUTED = True  # the runner may run this stage under torchrun (pipeline.distributed)
 Method = Literal["hinton", "feature", "dynamic", "adversarial", "self", "ensemble"]
 TeacherFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -71,7 +70,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
             net.detach_hook()
         if cfg.method == "self":
             extra.setdefault("generations", []).append(
-                {"generation": gen, "val_acc": h_kd["best_val_acc"], "test_acc": accuracy(student, data.x_test,
+                {"generation": gen, "val_acc": h_kd["val_acc"], "test_acc": accuracy(student, data.x_test,
                                                                                           data.y_test)})
     # 3) scratch baseline: same epochs (per generation), seed, initialisation, data, schedule
     h_sc = fit(scratch, lambda m, x, y, _: F.cross_entropy(m(x), y), desc="student (scratch)", **train)
@@ -84,7 +83,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     ctx.results["distill"] = {
         "method": cfg.method, "teachers": len(teachers), "acc_teacher": acc_t, "acc_kd": acc_kd,
         "acc_scratch": acc_sc, "gap_closed": (acc_kd - acc_sc) / gap if gap > 0 else None, **extra,
-        "val_kd": h_kd["best_val_acc"], "val_scratch": h_sc["best_val_acc"],
+        "val_kd": h_kd["val_acc"], "val_scratch": h_sc["val_acc"],
         "history_kd": h_kd["history"], "history_scratch": h_sc["history"]}
     ctx.log(f"  test acc (PyTorch): teacher {acc_t:.4f}  KD student {acc_kd:.4f}  scratch student {acc_sc:.4f}"
             + (f"  under {extra['attack']}: KD {extra['acc_kd_attacked']:.4f}, scratch "

@@ -18,8 +18,6 @@ from pipeline.context import Context
 from pipeline.train import TrainConfig, accuracy, fit, seed_everything
 from stages._common import augmenter, build_info, model_artifact
 
-DISTRIBUTED = True  # the runner may run this stage under torchrun (pipeline.distributed)
-
 
 class Config(TrainConfig):
     epochs: int = Field(30, ge=0, description="ignored when models.teacher.checkpoint is given")

@@ -263,6 +263,14 @@ def test_early_stopping_stops_after_patience_epochs_without_a_better_val_acc(dig
     assert h["epochs_run"] == 3  # the first epoch is the best; two more without a better val acc
 
 
+def test_keep_last_returns_the_last_epoch_and_ema_returns_the_average(digits):
+    model, h = _train(digits, TrainConfig(epochs=3, lr=0.01, keep="last"))
+    assert accuracy(model, digits.x_val, digits.y_val) == pytest.approx(h["history"][-1]["val_acc"], abs=1e-4)
+    averaged, h_ema = _train(digits, TrainConfig(epochs=3, lr=0.01, keep="last", ema=0.9))
+    assert h_ema["history"] != h["history"]  # validated on the average, not on the raw weights
+    assert accuracy(averaged, digits.x_val, digits.y_val) == pytest.approx(h_ema["history"][-1]["val_acc"], abs=1e-4)
+
+
 def test_schedules_warm_up_then_decay():
     cos = TrainConfig(epochs=10, schedule="cosine", warmup_epochs=2)
     assert _lr_factor(cos, 0, 10) == pytest.approx(0, abs=1e-6) and _lr_factor(cos, 10, 10) == pytest.approx(
