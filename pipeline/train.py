@@ -19,10 +19,11 @@ from .context import StageError
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-# Below this many multiply-accumulates per batch, intra-op threads cost more than they save: every op pays an
-# OpenMP fork/join, and on a shared 2-core machine one descheduled worker stalls each barrier. Measured on the
-# digits teacher (38 MMAC per batch of 64): 5 epochs took 31.7 s with 2 threads while another process held
-# a core, 0.8 s with 1 thread.
+# Below this many multiply-accumulates per batch, one intra-op thread: every op pays an OpenMP fork/join, and
+# when another process holds a core, each barrier waits for a descheduled worker. Measured on the digits teacher
+# (40 MMAC per batch of 64) on 2 cores: with another process busy, 5 epochs took 31.7 s on 2 threads and 0.8 s
+# on 1 (this was the 39 s teacher stage); on an idle machine 2 threads were 1.4x faster. 1 thread loses
+# little at worst; 2 threads can lose 40x.
 SMALL_BATCH_MACS = 2e8
 
 
