@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from pipeline.device.manifest import sha256_file  # one definition, stdlib only, shared with the device side
+
 
 class Artifact(BaseModel, extra="forbid"):
     name: str                      # role and file name, e.g. "student.int8.onnx"
@@ -46,14 +48,6 @@ def files(path: Path) -> list[Path]:
     if path.suffix == ".onnx" and path.exists():
         return [path, *onnx_external_files(path)]
     return [path]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fingerprint(path: Path) -> tuple[str, int]:

@@ -115,7 +115,9 @@ class ModelSpec(Strict):
 class Models(Strict):
     teacher: ModelSpec
     student: ModelSpec
-    extra_teachers: list[ModelSpec] = Field([], description="ensemble KD: more teachers, soft targets averaged")
+    extra_teachers: list[ModelSpec] = Field([], description="ensemble KD: more teachers, soft targets averaged; "
+                                          "the teacher stage saves them as teacher-<i>.pt, which are "
+                                          "exported and benchmarked like the teacher")
 
 
 def _stage_configs() -> dict[str, Any]:

@@ -12,6 +12,7 @@ import io
 import math
 from typing import Any
 
+from pipeline.report import distill_facts
 
 HOW = {"target": "measured on target", "host": "measured on host", "estimate": "estimated with formula",
        "skipped": "skipped"}
@@ -182,15 +183,9 @@ def _distill(report: dict) -> str:
     d = report.get("distill") or {}
     out = []
     if d:
-        gap = d.get("gap_closed")
-        gap_s = f"{gap:.2f}" if gap is not None else "— (undefined: the scratch student is at least as accurate" \
-                                                      " as the teacher)"
         out.append(f"<h2>Distillation ({esc(d.get('method'))})</h2><table class=kv>"
-                   f"<tr><th>teacher</th><td>{_num(d.get('acc_teacher'))}</td></tr>"
-                   f"<tr><th>KD student</th><td>{_num(d.get('acc_kd'))}</td></tr>"
-                   f"<tr><th>scratch student (same budget, no teacher)</th><td>{_num(d.get('acc_scratch'))}</td></tr>"
-                   f"<tr><th>gap closed (KD − scratch) / (teacher − scratch)</th><td>{esc(gap_s)}</td></tr>"
-                   "</table><p class=legend>Test-split accuracy in PyTorch.</p>")
+                   + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in distill_facts(d))
+                   + "</table><p class=legend>Test-split accuracy in PyTorch.</p>")
     p = report.get("prune") or {}
     if p.get("params_before"):
         out.append(f"<h2>Pruning</h2><table class=kv><tr><th>params</th><td>{p['params_before']:,} → "

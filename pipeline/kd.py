@@ -41,6 +41,21 @@ def dynamic_alpha(teacher_logits: torch.Tensor, T: float, alpha: float) -> torch
     return (alpha * certainty / certainty.mean().clamp_min(1e-8)).clamp(0.0, 1.0)
 
 
+def mixup(x: torch.Tensor, y: torch.Tensor, a: float, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix each sample with another of the batch (Zhang et al. 2018), weight lam ~ Beta(a, a) per sample.
+
+    Returns the mixed inputs and the mixed labels as class probabilities (F.cross_entropy takes those). With
+    a teacher, the student then matches the teacher's output on the mixed image ("function matching", Beyer
+    et al. 2022): every mixed image is a new point where the teacher says what the function is, which labels
+    alone cannot say. Random draws come from torch's global generator, which fit() seeds.
+    """
+    lam = torch.distributions.Beta(a, a).sample((len(x),)).to(x.device)
+    perm = torch.randperm(len(x), device=x.device)
+    lx = lam.view(-1, *[1] * (x.dim() - 1))
+    onehot = F.one_hot(y, num_classes).to(x.dtype)
+    return lx * x + (1 - lx) * x[perm], lam[:, None] * onehot + (1 - lam[:, None]) * onehot[perm]
+
+
 def feature_hint(student_feat: torch.Tensor, teacher_feat: torch.Tensor, adapter: torch.nn.Module) -> torch.Tensor:
     """FitNets hint: per-sample MSE between the adapted student map and the teacher map (resized if needed)."""
     s = adapter(student_feat)

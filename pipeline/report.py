@@ -77,6 +77,9 @@ def _versions() -> dict:
     return versions("torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "torch-pruning", "numpy")
 
 
+STUDENTS = ("student", "student-scratch")  # distilled (or trained) from the teacher, not compressed from it
+
+
 def flags(report: dict) -> list[dict]:
     """Stages that are not faster than their predecessor beyond noise, or lose more accuracy than allowed."""
     out = []
@@ -94,7 +97,9 @@ def flags(report: dict) -> list[dict]:
             out.append({"artifact": r["artifact"], "provider": r["provider"], "kind": "not_faster",
                         "detail": f"p50 {r['latency_ms']['p50']:.4f} ms vs {pred} {p['latency_ms']['p50']:.4f} ms "
                                   f"(noise margin {margin:.4f} ms): not faster than its predecessor"})
-        if r.get("accuracy") is not None and p.get("accuracy") is not None \
+        # the per-stage allowance is for compression steps (prune, quantize); a student's loss against its
+        # teacher is what the profile's max_accuracy_drop budget judges
+        if r.get("role") not in STUDENTS and r.get("accuracy") is not None and p.get("accuracy") is not None \
                 and p["accuracy"] - r["accuracy"] > report["allowance"]:
             out.append({"artifact": r["artifact"], "provider": r["provider"], "kind": "accuracy_drop",
                         "detail": f"accuracy {r['accuracy']:.4f} vs {pred} {p['accuracy']:.4f}: drop over the "
@@ -106,7 +111,11 @@ def recommend(report: dict) -> dict | None:
     """The fastest (then smallest) student artifact that meets the budgets and was not flagged slower."""
     b = report["profile"].get("budgets") or {}
     rows = report["rows"]
-    slow = {f["artifact"] for f in report["flags"] if f["kind"] in ("not_faster", "accuracy_drop")}
+    # a compression step that bought no speed is not recommended over its input; a student no faster than its
+    # teacher stays a candidate (it is still the smaller model), its flag says what it did not buy
+    roles = {r["artifact"]: r.get("role") for r in rows}
+    slow = {f["artifact"] for f in report["flags"] if f["kind"] in ("not_faster", "accuracy_drop")
+            and roles.get(f["artifact"]) not in STUDENTS}
     best = None
     for art in sorted({r["artifact"] for r in rows}):
         role = next(r.get("role") for r in rows if r["artifact"] == art)
@@ -145,6 +154,24 @@ def _misses(b: dict, acc_row: dict, lat_row: dict | None, on_target: bool) -> li
 
 
 # ---------------------------------------------------------------- rendering
+def distill_facts(d: dict) -> list[tuple[str, str]]:
+    """The distill stage's results as (label, value) lines, for report.md and report.html alike."""
+    gap = d.get("gap_closed")
+    out = [("teacher" + (f" (ensemble of {d['teachers']})" if (d.get("teachers") or 1) > 1 else ""),
+            _fmt(d.get("acc_teacher"), 4)),
+           ("KD student", _fmt(d.get("acc_kd"), 4)),
+           ("scratch student (same budget, no teacher)", _fmt(d.get("acc_scratch"), 4)),
+           ("gap closed (KD - scratch) / (teacher - scratch)",
+            _fmt(gap, 2) if gap is not None else "undefined: the scratch student is at least as accurate as the "
+                                                 "teacher")]
+    if d.get("attack"):  # adversarial KD: robustness is what the method is for
+        out.append((f"under attack ({d['attack']}): KD / scratch",
+                    f"{_fmt(d.get('acc_kd_attacked'), 4)} / {_fmt(d.get('acc_scratch_attacked'), 4)}"))
+    for g in d.get("generations") or []:  # self-distillation: each generation's student
+        out.append((f"generation {g['generation']}", f"{_fmt(g.get('test_acc'), 4)} (val {_fmt(g.get('val_acc'), 4)})"))
+    return out
+
+
 def _fmt(v: float | None, digits: int = 3) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
@@ -194,10 +221,9 @@ def render_md(report: dict) -> str:
                   "`e` = estimated (formula in report.json); `—` = skipped or not applicable.", ""]
     d = report.get("distill") or {}
     if d:
-        gap = d.get("gap_closed")
-        lines.append(f"Distillation ({d.get('method')}): teacher {_fmt(d.get('acc_teacher'), 4)}, KD student "
-                     f"{_fmt(d.get('acc_kd'), 4)}, scratch student {_fmt(d.get('acc_scratch'), 4)}, gap closed "
-                     f"{_fmt(gap, 2)} (PyTorch, test split).")
+        lines.append(f"Distillation ({d.get('method')}), test split, PyTorch:")
+        lines += [f"- {k}: {v}" for k, v in distill_facts(d)]
+        lines.append("")
     rec = report.get("recommended")
     lines.append(f"Recommended artifact: `{rec['artifact']}` (basis: {rec['basis']})." if rec
                  else "Recommended artifact: none meets the profile's budgets.")

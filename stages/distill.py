@@ -41,6 +41,9 @@ class Config(TrainConfig):
                              "robustness) or on the perturbed one (function matching near the decision boundary)")
     augment: bool = Field(True, description="apply data.augment to both students' batches; off: the teacher "
                                             "(trained with it) passes its invariances on through its soft targets")
+    mixup: float = Field(0.0, ge=0, description="Beta(a, a) mixup of every batch, both students alike: the KD "
+                                                "student matches the teacher on the mixed images (function "
+                                                "matching), the scratch one learns the mixed labels; 0: off")
     generations: int = Field(2, ge=1, description="self: students trained in turn, each the teacher of the next; "
                                                   "the first learns from the recipe's teacher")
 
@@ -63,9 +66,10 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
         if gen > 1:
             teacher_fn, student = _frozen(student), _fresh(spec, data, seed + gen)
         # without augmentation the teacher's outputs on the training split never change: compute them once
-        cache = None if aug is not None or cfg.method == "feature" else _logits(teacher_fn, data.x_train)
+        cache = None if aug is not None or cfg.mixup or cfg.method == "feature" else _logits(teacher_fn, data.x_train)
         net, loss = make_loss(cfg, student, teacher_fn, teachers[0], data.input_shape, cache)
-        h_kd = fit(net, loss, desc=f"student ({cfg.method} KD{f', gen {gen}' if gen > 1 else ''})", **train)
+        desc = f"student ({cfg.method} KD{f', gen {gen}' if gen > 1 else ''})"
+        h_kd = fit(net, mixed(loss, cfg.mixup, data.num_classes), desc=desc, **train)
         if isinstance(net, Hinted):
             net.detach_hook()
         if cfg.method == "self":
@@ -73,7 +77,8 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
                 {"generation": gen, "val_acc": h_kd["val_acc"], "test_acc": accuracy(student, data.x_test,
                                                                                           data.y_test)})
     # 3) scratch baseline: same epochs (per generation), seed, initialisation, data, schedule
-    h_sc = fit(scratch, lambda m, x, y, _: F.cross_entropy(m(x), y), desc="student (scratch)", **train)
+    h_sc = fit(scratch, mixed(lambda m, x, y, _: F.cross_entropy(m(x), y), cfg.mixup, data.num_classes),
+               desc="student (scratch)", **train)
     # 4) measure, save
     acc_t = _acc_fn(base_fn, data)
     acc_kd, acc_sc = accuracy(student, data.x_test, data.y_test), accuracy(scratch, data.x_test, data.y_test)
@@ -88,9 +93,11 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     ctx.log(f"  test acc (PyTorch): teacher {acc_t:.4f}  KD student {acc_kd:.4f}  scratch student {acc_sc:.4f}"
             + (f"  under {extra['attack']}: KD {extra['acc_kd_attacked']:.4f}, scratch "
                f"{extra['acc_scratch_attacked']:.4f}" if "attack" in extra else ""))
-    return {"student.pt": model_artifact(ctx, student, "student.pt", "student", spec, test_acc=acc_kd),
+    # predecessor: the model a student must beat on speed, for the report's "not faster" flag
+    return {"student.pt": model_artifact(ctx, student, "student.pt", "student", spec, test_acc=acc_kd,
+                                         predecessor="teacher.pt"),
             "student-scratch.pt": model_artifact(ctx, scratch, "student-scratch.pt", "student-scratch", spec,
-                                                 test_acc=acc_sc)}
+                                                 test_acc=acc_sc, predecessor="teacher.pt")}
 
 
 def load_teachers(inputs: Artifacts, ctx: Context, ensemble: bool = False) -> list[nn.Module]:
@@ -161,6 +168,18 @@ def make_loss(cfg: Config, student: nn.Module, teacher_fn: TeacherFn, teacher: n
         def loss(m, x, y, idx):
             return kd.hinton(m(x), t_of(x, idx), y, T, alpha).mean()
     return student, loss
+
+
+def mixed(loss: LossFn, a: float, num_classes: int) -> LossFn:
+    """`loss` on mixup batches (kd.mixup) when a > 0; the batch indices are dropped, as cached teacher
+    outputs do not hold for mixed images."""
+    if not a:
+        return loss
+
+    def fn(m, x, y, _idx):
+        xm, ym = kd.mixup(x, y, a, num_classes)
+        return loss(m, xm, ym, None)
+    return fn
 
 
 class Hinted(nn.Module):

@@ -27,6 +27,9 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     """Train (or load) the teacher and any extra teachers; report validation and test accuracy; save them."""
     specs = [("teacher", ctx.recipe.models.teacher)] + [
         (f"teacher-{i}", s) for i, s in enumerate(ctx.recipe.models.extra_teachers, 1)]
+    if len(specs) > 1 and ctx.recipe.distill.method != "ensemble":
+        ctx.log(f"  note: models.extra_teachers are trained and benchmarked, but distill.method is "
+                f"'{ctx.recipe.distill.method}': only method 'ensemble' distills from them")
     out: Artifacts = {}
     for i, (name, spec) in enumerate(specs):
         art, res = _onnx_teacher(ctx, name, spec) if spec.onnx is not None else \

@@ -122,10 +122,24 @@ def test_feature_loss_is_hinton_when_the_adapter_maps_the_student_feature_exactl
         distill.make_loss(_cfg(method="feature", teacher_layer="body"), student, None, teach, (1, 8, 8))
 
 
+def test_mixup_loss_is_the_method_loss_on_the_mixed_batch_with_a_live_teacher(batch):
+    x, y, student, teach = batch
+    t_fn = distill.ensemble_fn([teach], T)
+    _, loss = distill.make_loss(_cfg(mixup=0.4), student, t_fn, cache=torch.zeros(len(x), 10))
+    assert distill.mixed(loss, 0.0, 10) is loss
+    torch.manual_seed(1)
+    got = distill.mixed(loss, 0.4, 10)(student, x, y, torch.arange(len(x))).item()
+    torch.manual_seed(1)
+    xm, ym = kd.mixup(x, y, 0.4, 10)
+    # the teacher runs on the mixed images: the cache (zeros here) must not be used for them
+    assert got == pytest.approx(kd.hinton(student(xm), teach(xm), ym, T, ALPHA).mean().item(), rel=1e-5)
+
+
 # ------------------------------------------------------------------ each method through the stage
 @pytest.mark.parametrize("method,over", [("hinton", {}), ("feature", {}), ("dynamic", {}),
                                          ("adversarial", {"attack": "pgd", "eps": 0.2, "attack_steps": 2}),
-                                         ("self", {"generations": 2}), ("ensemble", {})])
+                                         ("self", {"generations": 2}), ("ensemble", {}),
+                                         ("dynamic", {"mixup": 0.4})])
 def test_each_method_trains_a_student_and_reports_the_gap(taught, method, over):
     run_dir, inputs, data = taught
     ctx = _ctx(run_dir, _recipe(distill={"method": method, **over}))

@@ -76,3 +76,19 @@ def test_attacks_stay_in_the_ball_raise_the_objective_and_vanish_at_eps_zero():
     assert kd.kd_objective(t, 2.0)(model(kd.fgsm(model, x, kd.kd_objective(t, 2.0), 0.3))) > \
         kd.kd_objective(t, 2.0)(model(x))
     assert all(p.grad is None for p in model.parameters())  # crafting an attack leaves parameter grads alone
+
+
+def test_mixup_mixes_images_and_labels_with_the_same_weights():
+    # each image is its own label's one-hot vector, so a mixed image must equal its mixed label exactly
+    torch.manual_seed(0)
+    y = torch.randint(0, 10, (64,))
+    x = F.one_hot(y, 10).float().view(64, 1, 10, 1)
+    xm, ym = kd.mixup(x, y, 0.4, 10)
+    assert xm.shape == x.shape and ym.shape == (64, 10)
+    assert torch.allclose(xm.view(64, 10), ym, atol=1e-6)
+    assert torch.allclose(ym.sum(1), torch.ones(64), atol=1e-6)
+    assert ((ym > 0).sum(1) == 2).any() and ym.max(1).values.min() < 0.9  # some samples really are mixed
+    # soft labels go straight into cross-entropy: a one-hot row gives the usual CE
+    s = torch.randn(64, 10)
+    assert torch.allclose(F.cross_entropy(s, F.one_hot(y, 10).float(), reduction="none"),
+                          F.cross_entropy(s, y, reduction="none"), atol=1e-6)

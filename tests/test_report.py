@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from pipeline import html, reportschema
 from pipeline.config import ConfigError
-from pipeline.report import render_md
+from pipeline.report import flags as report_flags, recommend as report_recommend, render_md
 from pipeline.rerender import rerender
 from tests.test_gate import crafted_report, row
 
@@ -131,3 +131,35 @@ def test_html_without_plottable_rows_still_renders():
     rows = [{**row("s.onnx", "student", status="skipped"), "reason": "no provider"}]
     page = html.render(crafted_report(rows=rows, recommended=None))
     assert "No artifact recommended" in page and "No row has both a latency and an accuracy" in page
+
+
+def test_distillation_section_shows_robustness_and_generations():
+    report = crafted_report(rows=[row("t.onnx", "teacher", acc=0.97)])
+    report["distill"] = {"method": "adversarial", "teachers": 2, "acc_teacher": 0.99, "acc_kd": 0.98,
+                         "acc_scratch": 0.96, "gap_closed": 2 / 3, "attack": "pgd eps=0.25 steps=3",
+                         "acc_kd_attacked": 0.71, "acc_scratch_attacked": 0.42,
+                         "generations": [{"generation": 1, "val_acc": 0.97, "test_acc": 0.975},
+                                         {"generation": 2, "val_acc": 0.98, "test_acc": 0.9861}]}
+    md, page = render_md(report), html.render(report)
+    for text in ("ensemble of 2", "gap closed (KD - scratch) / (teacher - scratch): 0.67",
+                 "under attack (pgd eps=0.25 steps=3): KD / scratch: 0.7100 / 0.4200",
+                 "generation 2: 0.9861 (val 0.9800)"):
+        assert text in md, text
+    assert "0.7100 / 0.4200" in page and "generation 2</th><td>0.9861 (val 0.9800)" in page
+    report["distill"].update(gap_closed=None, attack=None, generations=None, teachers=1)
+    md = render_md(report)
+    assert "undefined: the scratch student is at least as accurate" in md
+    assert "under attack" not in md and "generation" not in md and "ensemble" not in md
+
+
+def test_flags_judge_compression_steps_by_the_allowance_and_students_by_speed_only():
+    rows = [row("t.onnx", "teacher", p95=1.0, acc=0.99), {**row("s.onnx", "student", p95=1.0, acc=0.90),
+                                                            "predecessor": "t.onnx"},
+            {**row("p.onnx", "student-pruned", p95=0.1, acc=0.88), "predecessor": "s.onnx"}]
+    got = {(f["artifact"], f["kind"]) for f in report_flags(crafted_report(rows=rows))}
+    # the student loses 9 points against its teacher: the profile's budget judges that, not the per-stage
+    # allowance; it is not faster than the teacher, which is flagged. Pruning lost 2 points > 1: flagged.
+    assert got == {("s.onnx", "not_faster"), ("p.onnx", "accuracy_drop")}
+    report = crafted_report(rows=rows, min_accuracy=0.5, max_accuracy_drop=0.2)
+    report["flags"] = report_flags(report)
+    assert report_recommend(report)["artifact"] == "s.onnx"  # still the smaller model; p.onnx is flagged

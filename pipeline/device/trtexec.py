@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .manifest import sha256_file  # noqa: F401  (re-exported: engine keys start from the ONNX file's hash)
+
 PRECISIONS = ("fp32", "fp16", "int8")
 JETPACK_TRTEXEC = Path("/usr/src/tensorrt/bin/trtexec")  # JetPack installs it here, not on PATH
 
@@ -291,14 +293,6 @@ def _summarize_failure(r: TrtexecResult, text: str) -> str:
 # ---------------------------------------------------------------- engine cache
 class EngineMismatchError(ValueError):
     """A cached or shipped engine was built for another ONNX, precision, TensorRT or GPU."""
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def engine_key(onnx_sha256: str, precision: str, trt_version: TrtVersion | str,
