@@ -116,8 +116,8 @@ class Models(Strict):
     teacher: ModelSpec
     student: ModelSpec
     extra_teachers: list[ModelSpec] = Field([], description="ensemble KD: more teachers, soft targets averaged; "
-                                          "the teacher stage saves them as teacher-<i>.pt, which are "
-                                          "exported and benchmarked like the teacher")
+                                          "the teacher stage saves them as teacher-<i>.pt (KD inputs only: "
+                                          "not exported or benchmarked)")
 
 
 def _stage_configs() -> dict[str, Any]:

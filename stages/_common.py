@@ -33,7 +33,7 @@ def model_artifact(ctx: Context, model: nn.Module, name: str, role: str, spec: M
 
 
 def ctx_stage(name: str, role: str) -> str:
-    return {"teacher": "teacher", "student-pruned": "prune"}.get(role, "distill")
+    return {"teacher": "teacher", "extra-teacher": "teacher", "student-pruned": "prune"}.get(role, "distill")
 
 
 def augmenter(cfg: Augment, seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -42,7 +42,7 @@ def settings(cfg: Config, ctx: Context) -> BenchSettings:
 def entries(inputs: Artifacts, ctx: Context) -> list[ModelEntry]:
     return [ModelEntry(a.name, ctx.path(a.name), a.meta.get("precision", "fp32"),
                        {**a.meta, "size_bytes": a.size_bytes, "stage": a.stage})
-            for a in inputs.values() if a.kind == "onnx"]
+            for a in inputs.values() if a.kind == "onnx" and a.meta.get("role") != "extra-teacher"]
 
 
 def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:

@@ -28,7 +28,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     x = data.x_test[: cfg.parity_samples]
     out: Artifacts = {}
     for name, art in inputs.items():
-        if art.kind != "torch":
+        if art.kind != "torch" or art.meta.get("role") == "extra-teacher":  # ensemble KD's aids, not candidates
             continue
         # 1) load  2) export  3) check graph  4) parity on the same inputs
         model = models.load(ctx.path(name), art.meta)

@@ -1,7 +1,8 @@
 """teacher: train the teacher (and models.extra_teachers) with cross-entropy, or load what the recipe gives.
 
 Writes teacher.pt (or teacher.onnx when the recipe gives an ONNX teacher) and teacher-1.pt, teacher-2.pt, ...
-for the extra teachers, which ensemble KD averages. Extra teacher i trains with seed + i, so copies of one
+for the extra teachers, which ensemble KD averages (role extra-teacher: export and benchmark leave them out;
+the recipe's teacher stays the reference every budget and delta is measured against). Extra teacher i trains with seed + i, so copies of one
 spec still differ.
 """
 from __future__ import annotations
@@ -28,12 +29,13 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     specs = [("teacher", ctx.recipe.models.teacher)] + [
         (f"teacher-{i}", s) for i, s in enumerate(ctx.recipe.models.extra_teachers, 1)]
     if len(specs) > 1 and ctx.recipe.distill.method != "ensemble":
-        ctx.log(f"  note: models.extra_teachers are trained and benchmarked, but distill.method is "
-                f"'{ctx.recipe.distill.method}': only method 'ensemble' distills from them")
+        ctx.log(f"  note: models.extra_teachers are trained, but distill.method is "
+                f"'{ctx.recipe.distill.method}': only method 'ensemble' uses them")
     out: Artifacts = {}
     for i, (name, spec) in enumerate(specs):
-        art, res = _onnx_teacher(ctx, name, spec) if spec.onnx is not None else \
-            _torch_teacher(ctx, name, spec, cfg, ctx.recipe.seed + i)
+        role = "teacher" if i == 0 else "extra-teacher"  # extras are KD inputs only: not exported, not shipped
+        art, res = _onnx_teacher(ctx, name, spec, role) if spec.onnx is not None else \
+            _torch_teacher(ctx, name, spec, cfg, ctx.recipe.seed + i, role)
         out[art.name] = art
         if i == 0:
             ctx.results["teacher"] = res
@@ -42,7 +44,8 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     return out
 
 
-def _torch_teacher(ctx: Context, name: str, spec: ModelSpec, cfg: Config, seed: int) -> tuple[Artifact, dict]:
+def _torch_teacher(ctx: Context, name: str, spec: ModelSpec, cfg: Config, seed: int, role: str
+                   ) -> tuple[Artifact, dict]:
     # 1) data and model
     data = ctx.data()
     seed_everything(seed)
@@ -59,10 +62,10 @@ def _torch_teacher(ctx: Context, name: str, spec: ModelSpec, cfg: Config, seed: 
     ctx.log(f"  {name}: val acc {val:.4f}, test acc {test:.4f} (PyTorch)")
     res = {"val_acc": val, "test_acc": test, "source": "checkpoint" if spec.checkpoint else "trained",
            "epochs_run": history.get("epochs_run", 0), "history": history.get("history", [])}
-    return model_artifact(ctx, model, f"{name}.pt", "teacher", spec, val_acc=val, test_acc=test), res
+    return model_artifact(ctx, model, f"{name}.pt", role, spec, val_acc=val, test_acc=test), res
 
 
-def _onnx_teacher(ctx: Context, name: str, spec: ModelSpec) -> tuple[Artifact, dict]:
+def _onnx_teacher(ctx: Context, name: str, spec: ModelSpec, role: str) -> tuple[Artifact, dict]:
     """An ONNX teacher is copied in (rank 0) as <name>.onnx; the distill stage runs it with onnxruntime."""
     data, src = ctx.data(), spec.onnx
     if ctx.rank == 0:
@@ -72,6 +75,6 @@ def _onnx_teacher(ctx: Context, name: str, spec: ModelSpec) -> tuple[Artifact, d
     val, test = accuracy(teacher, data.x_val, data.y_val), accuracy(teacher, data.x_test, data.y_test)
     ctx.log(f"  {name} (ONNX, onnxruntime): val acc {val:.4f}, test acc {test:.4f}")
     art = Artifact(name=f"{name}.onnx", kind="onnx", stage="teacher",
-                   meta={"role": "teacher", "precision": "fp32", "val_acc": val, "torch_test_acc": test,
+                   meta={"role": role, "precision": "fp32", "val_acc": val, "torch_test_acc": test,
                          "given": True})
     return art, {"val_acc": val, "test_acc": test, "source": f"onnx: {src}"}

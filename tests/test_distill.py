@@ -17,7 +17,7 @@ from pipeline.config import DEFAULT_RECIPE, ModelSpec, recipe_model
 from pipeline.context import Context, StageError
 from pipeline.data import load_splits
 from pipeline.train import TrainConfig, _lr_factor, accuracy, fit, seed_everything
-from stages import distill, teacher
+from stages import distill, export, teacher
 
 T, ALPHA = 4.0, 0.7
 STUDENT = {"arch": "cnn", "kwargs": {"channels": [8, 16]}}
@@ -165,6 +165,15 @@ def test_ensemble_without_extra_teachers_is_refused(taught):
     ctx.recipe.models.extra_teachers = []
     with pytest.raises(StageError, match="models.extra_teachers"):
         distill.run(inputs, ctx.recipe.distill, ctx)
+
+
+def test_extra_teachers_are_kd_inputs_only_not_exported(taught, tmp_path):
+    run_dir, inputs, _ = taught
+    assert inputs["teacher.pt"].meta["role"] == "teacher"
+    assert inputs["teacher-1.pt"].meta["role"] == "extra-teacher" and inputs["teacher-1.pt"].stage == "teacher"
+    ctx = _ctx(run_dir, _recipe())
+    out = export.run({k: inputs[k] for k in ("teacher.pt", "teacher-1.pt")}, export.Config(), ctx)
+    assert set(out) == {"teacher.onnx"}  # the recipe's teacher stays the one reference of the report
 
 
 def test_a_student_distilled_from_an_onnx_teacher(taught, tmp_path):
