@@ -36,7 +36,15 @@ def ctx_stage(name: str, role: str) -> str:
     return {"teacher": "teacher", "extra-teacher": "teacher", "student-pruned": "prune"}.get(role, "distill")
 
 
-def augmenter(cfg: Augment, seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def train_augment(ctx: Context, seed: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The recipe's augmentation for this run's data: pixels shifted in from outside the image are black."""
+    pre = ctx.data().preprocessing
+    fill = [-m / s for m, s in zip(pre["mean"], pre["std"])] if pre.get("mean") else None
+    return augmenter(ctx.recipe.data.augment, seed, fill=fill)
+
+
+def augmenter(cfg: Augment, seed: int = 0, fill: list[float] | None = None
+              ) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The recipe's augmentation as a batch transform for training batches (fit() never applies it to val/test).
 
     The transforms are those of torchvision v2 (RandomAffine rotation/scale, RandomHorizontal/VerticalFlip,
@@ -44,19 +52,22 @@ def augmenter(cfg: Augment, seed: int = 0) -> Callable[[torch.Tensor], torch.Ten
     batch at once: v2 draws one set of parameters per call, so per-sample draws meant a Python loop that took
     35 ms per batch of 64 8x8 digits, ten times the training step. Random draws come from torch's global
     generator, which fit() seeds. `seed` is kept for callers; the draws do not depend on it.
+    `fill`: per channel, the normalised value of the pixels a rotation or shift brings in (torchvision fills
+    with 0 before normalisation, i.e. black; 0 after it would be the mean grey, a border the test images lack).
     """
     if not (cfg.rotation_deg or cfg.scale or cfg.hflip or cfg.vflip or cfg.random_crop_padding or cfg.color_jitter
             or cfg.gaussian_noise):
         return None
-    return BatchAugment(cfg)
+    return BatchAugment(cfg, fill)
 
 
 class BatchAugment(nn.Module):
     """Per-sample random affine (rotation, scale, integer shift for pad-and-crop), flips, jitter and noise."""
 
-    def __init__(self, cfg: Augment):
+    def __init__(self, cfg: Augment, fill: list[float] | None = None):
         super().__init__()
         self.cfg = cfg
+        self.fill = torch.tensor(fill or [0.0]).view(1, -1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
@@ -70,7 +81,9 @@ class BatchAugment(nn.Module):
             cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale  # output -> input sampling: inverse map
             theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
             grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            # grid_sample pads with zeros: shift by the fill value so that the padding comes out as `fill`
+            x = F.grid_sample(x - self.fill, grid, mode="bilinear", padding_mode="zeros",
+                              align_corners=False) + self.fill
         if c.hflip:
             x = torch.where((torch.rand(n) < c.hflip)[:, None, None, None], x.flip(-1), x)
         if c.vflip:

@@ -19,7 +19,7 @@ from pipeline import kd, models
 from pipeline.artifacts import Artifacts
 from pipeline.context import Context, StageError
 from pipeline.train import LossFn, TrainConfig, accuracy, fit, seed_everything, train_device
-from stages._common import augmenter, build_info, model_artifact
+from stages._common import build_info, model_artifact, train_augment
 
 Method = Literal["hinton", "feature", "dynamic", "adversarial", "self", "ensemble"]
 TeacherFn = Callable[[torch.Tensor], torch.Tensor]
@@ -56,7 +56,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     seed_everything(seed)
     student = models.build(spec, *build_info(data))
     scratch = copy.deepcopy(student)
-    aug = augmenter(ctx.recipe.data.augment, seed) if cfg.augment else None
+    aug = train_augment(ctx, seed) if cfg.augment else None
     train = dict(x=data.x_train, y=data.y_train, x_val=data.x_val, y_val=data.y_val, cfg=cfg, seed=seed,
                  augment=aug, console=ctx.console if ctx.rank == 0 else None)
     # 2) KD student (self: several generations, each taught by the one before)

@@ -15,7 +15,7 @@ from pipeline import kd, models
 from pipeline.artifacts import Artifacts
 from pipeline.context import Context, StageError
 from pipeline.train import TrainConfig, accuracy, fit, predict, seed_everything
-from stages._common import augmenter, model_artifact
+from stages._common import model_artifact, train_augment
 from stages.distill import load_teacher
 
 
@@ -66,7 +66,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     # 3) fine-tune with the distillation loss
     history: dict = {}
     if cfg.epochs:
-        aug = augmenter(ctx.recipe.data.augment, seed)
+        aug = train_augment(ctx, seed)
         # without augmentation the teacher sees the same images every epoch: run it once, look outputs up by index
         cached = None if aug is not None else torch.from_numpy(predict(teacher, data.x_train))
 

@@ -17,7 +17,7 @@ from pipeline.artifacts import Artifact, Artifacts, files
 from pipeline.config import ModelSpec
 from pipeline.context import Context
 from pipeline.train import TrainConfig, accuracy, fit, seed_everything
-from stages._common import augmenter, build_info, model_artifact
+from stages._common import build_info, model_artifact, train_augment
 
 
 class Config(TrainConfig):
@@ -55,7 +55,7 @@ def _torch_teacher(ctx: Context, name: str, spec: ModelSpec, cfg: Config, seed: 
     if spec.checkpoint is None:
         history = fit(model, lambda m, x, y, _: F.cross_entropy(m(x), y), data.x_train, data.y_train,
                       data.x_val, data.y_val, cfg, seed=seed, desc=name,
-                      augment=augmenter(ctx.recipe.data.augment, seed),
+                      augment=train_augment(ctx, seed),
                       console=ctx.console if ctx.rank == 0 else None)
     # 3) measure and save
     val, test = accuracy(model, data.x_val, data.y_val), accuracy(model, data.x_test, data.y_test)

@@ -101,3 +101,14 @@ def test_no_augmentation_configured_is_none_and_fit_augments_training_batches_on
     fit(model, lambda m, x, y, _: torch.nn.functional.cross_entropy(m(x), y), s.x_train, s.y_train, s.x_val,
         s.y_val, TrainConfig(epochs=2, batch_size=256, lr=0.05), seed=0, desc="spy", augment=spy)
     assert seen and sum(seen) == 2 * len(s.x_train)  # every training sample, each epoch; never val or test
+
+
+def test_pixels_shifted_in_are_the_fill_value_not_the_normalised_mean():
+    # a pure shift by 2 pixels: the 2 columns or rows brought in from outside carry `fill` (black after
+    # normalisation), the rest are the image's own pixels
+    torch.manual_seed(0)
+    x = torch.full((64, 1, 8, 8), 5.0)
+    out = augmenter(Augment(random_crop_padding=2), fill=[-1.5])(x)
+    values = set(out.unique().tolist())
+    assert values <= {5.0, -1.5} and -1.5 in values
+    assert ((out == -1.5).flatten(1).sum(1) > 0).float().mean() > 0.5
