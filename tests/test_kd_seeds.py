@@ -1,0 +1,30 @@
+"""scripts/kd_seeds.py, the source of the README's gap-closed figures: one row per seed and variant, then means."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_rows_per_seed_and_variant_then_means_over_seeds():
+    out = subprocess.run(
+        [sys.executable, "scripts/kd_seeds.py", "--seeds", "0,1", "--set", "teacher.epochs=3",
+         "--set", "distill.epochs=2", "--variant", "", "--variant", "distill.method=hinton;distill.temperature=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    num = r"(\d\.\d{4})"
+    rows = re.findall(rf"^ +(\d) +{num} +{num} +{num} +(\S+) +\d+  (.*)$", out, re.M)
+    assert [(r[0], r[5]) for r in rows] == [("0", ""), ("0", "distill.method=hinton;distill.temperature=2"),
+                                            ("1", ""), ("1", "distill.method=hinton;distill.temperature=2")]
+    for _seed, teacher, kd, scratch, gap, _ in rows:
+        t, k, s = float(teacher), float(kd), float(scratch)
+        # printed accuracies are rounded to 4 places and the gap is a few test images: a loose tolerance
+        assert gap == "n/a" if t <= s else abs(float(gap) - (k - s) / (t - s)) < 0.05
+    assert rows[0][1] == rows[1][1] and rows[2][1] == rows[3][1]  # variants share the seed's teacher
+    means = re.findall(rf"^mean +{num} +{num} +{num} .*\)$", out, re.M)
+    assert len(means) == 2
+    for mean, variant_rows in zip(means, (rows[0::2], rows[1::2])):
+        for i in range(3):
+            assert abs(float(mean[i]) - sum(float(r[i + 1]) for r in variant_rows) / 2) < 1e-4
