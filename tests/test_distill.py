@@ -3,6 +3,7 @@ an ONNX teacher, an ImageFolder + module:factory teacher recipe, and the trainin
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import numpy as np
@@ -18,6 +19,7 @@ from pipeline.context import Context, StageError
 from pipeline.data import load_splits
 from pipeline.train import TrainConfig, _lr_factor, accuracy, fit, seed_everything
 from stages import distill, export, teacher
+from tests.conftest import FAST
 
 T, ALPHA = 4.0, 0.7
 STUDENT = {"arch": "cnn", "kwargs": {"channels": [8, 16]}}
@@ -198,7 +200,7 @@ def test_a_student_distilled_from_an_onnx_teacher(taught, tmp_path):
         distill.run(t_out, recipe.distill, ctx)
 
 
-def test_imagefolder_recipe_with_a_factory_teacher_checkpoint_runs_teacher_and_distill(tmp_path):
+def test_imagefolder_recipe_with_a_factory_teacher_checkpoint_runs_end_to_end(tmp_path):
     from pipeline.config import load_profile, load_recipe
     from pipeline.runner import Runner
     from tests.test_data import _digits_pngs
@@ -215,20 +217,25 @@ def test_imagefolder_recipe_with_a_factory_teacher_checkpoint_runs_teacher_and_d
         "name": "folder", "data": {"kind": "imagefolder", "root": "images", "image_size": 8},
         "models": {"teacher": {"arch": "pipeline.models:SmallCNN", "kwargs": factory, "checkpoint": "teacher.pt"},
                    "student": STUDENT},
-        "distill": {"epochs": 4, "lr": 0.01}}))
+        "distill": {"epochs": 4, "lr": 0.01}, "prune": {"enabled": True, "epochs": 0, "ratio": 0.25, "round_to": 2},
+        "quantize": {"enabled": True}, "benchmark": FAST["benchmark"]}))
     profile = load_profile("edge-cpu")
     recipe = load_recipe(tmp_path / "recipe.yaml", profile)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    Runner(run_dir, recipe, profile, recipe_path=tmp_path / "recipe.yaml", console=Console(quiet=True)).run(
-        until="distill")
+    Runner(run_dir, recipe, profile, recipe_path=tmp_path / "recipe.yaml", console=Console(quiet=True)).run()
     r = _ctx_results(run_dir)
     assert r["teacher"]["source"] == "checkpoint" and r["teacher"]["test_acc"] > 0.5
     assert r["distill"]["acc_kd"] > 0.3 and (run_dir / "splits.json").exists()
+    report = json.loads((run_dir / "report.json").read_text())
+    measured = {row["artifact"]: row["accuracy"] for row in report["rows"] if row["status"] == "measured"}
+    assert set(measured) == {"teacher.onnx", "student.onnx", "student-scratch.onnx", "student-pruned.onnx",
+                             "student-pruned.int8.onnx"}
+    # the exported teacher, run by onnxruntime on the same test files, scores what PyTorch scored
+    assert measured["teacher.onnx"] == pytest.approx(r["teacher"]["test_acc"])
 
 
 def _ctx_results(run_dir) -> dict:
-    import json
     stages = json.loads((run_dir / "run.json").read_text())["stages"]
     return {k: v.get("results", {}) for k, v in stages.items()}
 
