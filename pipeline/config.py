@@ -106,7 +106,7 @@ class DataConfig(Strict):
 
 
 class ModelSpec(Strict):
-    arch: str = Field(description="'cnn', 'resnet', a torchvision name (resnet18, ...), or 'pkg.module:factory'")
+    arch: str = Field(description="'cnn', 'mlp', 'resnet', a torchvision name (resnet18, ...), or 'pkg.module:factory'")
     kwargs: dict[str, Any] = {}
     checkpoint: Path | None = Field(None, description="state_dict (.pt); loaded with weights_only=True")
     onnx: Path | None = Field(None, description="teacher only: an ONNX file run through onnxruntime")

@@ -25,7 +25,7 @@ def test_torchvision_by_name_adapts_classes_channels_and_width():
 
 
 def test_bad_arch_or_kwargs_is_a_config_error_that_says_what_to_do():
-    with pytest.raises(ConfigError, match="not 'cnn', 'resnet'"):
+    with pytest.raises(ConfigError, match="not 'cnn', 'mlp', 'resnet'"):
         models.build(ModelSpec(arch="resnet1"), 1, 10, 8)
     with pytest.raises(ConfigError, match="width_mult"):
         models.build(ModelSpec(arch="resnet18", kwargs={"width_mult": 0.5}), 1, 10, 8)
@@ -63,3 +63,14 @@ def test_a_mismatched_checkpoint_lists_the_first_mismatching_keys(tmp_path):
     torch.save(state, ckpt)
     with pytest.raises(ConfigError, match=r"missing from checkpoint: 4\.bias \| not in model: extra\.weight"):
         models.load_checkpoint(tiny_net(), ckpt)
+
+
+def test_mlp_flattens_any_input_and_its_hidden_layers_prune_and_export(tmp_path):
+    from stages import export, prune
+    mlp = models.build(ModelSpec(arch="mlp", kwargs={"hidden": [32, 16]}), 3, 5, 4)
+    assert mlp(torch.randn(2, 3, 4, 4)).shape == (2, 5)
+    assert models.count(mlp, (3, 4, 4))[0] == (48 * 32 + 32) + (32 * 16 + 16) + (16 * 5 + 5)
+    prune.prune_model(mlp, prune.Config(ratio=0.5, round_to=None), (3, 4, 4))
+    assert [m.out_features for m in mlp.modules() if isinstance(m, nn.Linear)] == [16, 8, 5]  # classes kept
+    export.torch2onnx(mlp, tmp_path / "mlp.onnx", (3, 4, 4), export.Config())
+    assert (tmp_path / "mlp.onnx").stat().st_size > 0
