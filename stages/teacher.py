@@ -2,8 +2,8 @@
 
 Writes teacher.pt (or teacher.onnx when the recipe gives an ONNX teacher) and teacher-1.pt, teacher-2.pt, ...
 for the extra teachers, which ensemble KD averages (role extra-teacher: export and benchmark leave them out;
-the recipe's teacher stays the reference every budget and delta is measured against). Extra teacher i trains with seed + i, so copies of one
-spec still differ.
+the recipe's teacher stays the reference every budget and delta is measured against). Extra teacher i trains
+with seed + i, so copies of one spec still differ.
 """
 from __future__ import annotations
 
