@@ -77,12 +77,14 @@ def score(run_dir: Path) -> dict[str, Any]:
         if m.get("precision") == "int8" and m.get("source_onnx"):
             gate = m["source_onnx"] == "student.onnx"
             figs += _pair(lat, art, m["source_onnx"], "INT8 vs FP32", TARGETS["int8_speedup"] if gate else None)
+            figs += _per_thread(lat, art, m["source_onnx"], "INT8 vs FP32")
     if not any(m.get("precision") == "int8" and m.get("source_onnx") == "student.onnx" for m in meta.values()):
         figs.append(_fig("INT8 vs FP32", "student.int8.onnx", "student.onnx", "p50 speedup", None, "measured",
                          False, "—", "not built: add student.onnx to quantize.sources (the target is on the "
                                      "student itself)"))
     # 2) pruned vs unpruned: real speedup against the counted MAC reduction
     figs += _prune(lat, "student-pruned.onnx", "student.onnx")
+    figs += _per_thread(lat, "student-pruned.onnx", "student.onnx", "pruned vs unpruned")
     # 3) the recommended artifact vs the teacher
     rec = (report.get("recommended") or {}).get("artifact")
     if rec:
@@ -162,6 +164,20 @@ def _pair(lat: dict, new: str, base: str, label: str, target: float | None, size
                         f"{b['size_bytes'] / 1e6:.2f} / {a['size_bytes'] / 1e6:.3f} MB",
                         f"artifact bytes with sidecars: {b['size_bytes']:,} / {a['size_bytes']:,}"))
     return out + [_drop(a, b, label, gate=bool(target))]
+
+
+def _per_thread(lat: dict, new: str, base: str, label: str) -> list[dict]:
+    """The same speedup at each thread count both were timed with (the rows' p50_by_threads), for information:
+    INT8 kernels barely use a second thread, so the fastest count, and the ratio, depend on the count and on
+    the machine's load."""
+    a, b = lat.get(new), lat.get(base)
+    if a is None or b is None:
+        return []
+    pa, pb = a.get("p50_by_threads") or {}, b.get("p50_by_threads") or {}
+    return [_fig(f"{label} (info)", new, base, f"p50 speedup at {t} thread(s)", pb[t] / pa[t], None, None,
+                 f"{pb[t]:.3f} / {pa[t]:.3f} ms", f"measured rows {_rowname(b)} and {_rowname(a)}, their p50 at "
+                 f"{t} thread(s): {pb[t]:.4f} / {pa[t]:.4f} ms, timed interleaved")
+            for t in sorted(set(pa) & set(pb), key=int)]
 
 
 def _prune(lat: dict, new: str, base: str) -> list[dict]:
