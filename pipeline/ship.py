@@ -215,11 +215,14 @@ def _readme(name: str, report: dict, prof: Profile, models: list[dict], splits: 
              "measured with (a warning), and refuses any TensorRT engine built for another TensorRT version or "
              "GPU. Do not use a bundle that does not verify.", ""]
     if prof.target.tensorrt:
-        lines += ["## 2. Build the TensorRT engines on this device", "",
-                  "Engines are not portable across TensorRT versions or GPUs; build them here "
-                  "(trtexec is at /usr/src/tensorrt/bin/trtexec on JetPack):", ""]
+        lines += ["## 2. TensorRT engines are built on this device", "",
+                  "Engines are not portable across TensorRT versions or GPUs. The runner (next step) builds each "
+                  "one here with trtexec and caches it in trt-cache/ with a sidecar .json naming the TensorRT "
+                  "version and GPU; verify refuses an engine inside the bundle that has no such sidecar. To "
+                  "build one by hand (trtexec is at /usr/src/tensorrt/bin/trtexec on JetPack), keep it outside "
+                  "the bundle:", ""]
         flags = {"fp32": "", "fp16": " --fp16", "int8": " --int8 --fp16"}
-        lines += [f"    trtexec --onnx={x['file']} --saveEngine={Path(x['name']).stem}.engine"
+        lines += [f"    trtexec --onnx={x['file']} --saveEngine=../{Path(x['name']).stem}.engine"
                   f"{flags.get(x['precision'], '')} --shapes={inp['name']}:{shape}" for x in models]
         lines += ["", "INT8 models carry their Q/DQ scales in the ONNX; no calibration cache is needed.", ""]
     lines += [f"## {3 if prof.target.tensorrt else 2}. Benchmark", "", "    python3 -m device.runner .", "",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 
 from pipeline import ship as ship_mod
 from pipeline.cli import app
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, load_profile
 from pipeline.device import manifest as mf
 from pipeline.ship import _shipped, parse_to, ship, verify
 from tests.test_gate import LOOSE, profile_file, rerun
@@ -105,6 +106,20 @@ def test_engines_for_another_tensorrt_or_gpu_are_refused(shippable, tmp_path):
     assert "compute capability 8.7" in mf.check(folder, {**same, "compute_capability": "9.0"})[0][0]
     (folder / "models" / "s.json").unlink()
     assert "no sidecar" in mf.check(folder, same)[0][0]
+
+
+def test_engines_built_as_the_device_readme_says_leave_the_bundle_verified(shippable, tmp_path):
+    folder = _unpack(shippable[2], tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    jetson = load_profile("jetson")
+    readme = ship_mod._readme(folder.name, json.loads((shippable[0] / "report.json").read_text()), jetson,
+                              manifest["models"], json.loads((shippable[0] / "splits.json").read_text()))
+    engines = re.findall(r"--saveEngine=(\S+)", readme)
+    assert engines and "trtexec --onnx=" in readme
+    for rel in engines:  # what trtexec would write, relative to the bundle folder the steps run in
+        (folder / rel).write_bytes(b"engine")
+    same = {"onnxruntime": None, "tensorrt": "10.3.0.26", "compute_capability": "8.7"}
+    assert mf.check(folder, same)[0] == []
 
 
 def test_another_onnxruntime_is_a_warning_not_a_failure(shippable):
