@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from .context import StageError
+from .models import count
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -62,7 +63,8 @@ def train_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (the CPU for a model without any)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -72,7 +74,7 @@ def predict(model: nn.Module, x: np.ndarray, batch: int = 512) -> np.ndarray:
     """Logits for a numpy batch, in eval mode."""
     was = model.training
     model.eval()
-    dev = _device_of(model)
+    dev = device_of(model)
     out = [model(torch.from_numpy(x[i:i + batch]).to(dev)).float().cpu() for i in range(0, len(x), batch)]
     model.train(was)
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
@@ -106,30 +108,10 @@ def pick_threads(cfg: TrainConfig, model: nn.Module, sample_shape: tuple[int, ..
     if cfg.threads:
         return cfg.threads
     try:
-        macs = _conv_linear_macs(model, sample_shape) * cfg.batch_size
-    except Exception:  # a model that does not run on a zero sample: assume it is large
+        macs = count(model, sample_shape)[1] * cfg.batch_size
+    except Exception:  # a model the op counter cannot run: assume it is large
         macs = math.inf
     return 1 if macs < SMALL_BATCH_MACS else max(1, (os.cpu_count() or 1) // world)
-
-
-@torch.no_grad()
-def _conv_linear_macs(model: nn.Module, sample_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of the conv and linear layers for one sample (a quick estimate, milliseconds)."""
-    total = [0]
-
-    def hook(m, _inp, out):
-        per_out = m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups * math.prod(m.kernel_size)
-        total[0] += out.numel() * per_out
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was = model.training
-    try:
-        model.eval()(torch.zeros(1, *sample_shape))
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
-    return total[0]
 
 
 def fit(model: nn.Module, loss_fn: LossFn, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,

@@ -36,22 +36,21 @@ def ctx_stage(name: str, role: str) -> str:
     return {"teacher": "teacher", "extra-teacher": "teacher", "student-pruned": "prune"}.get(role, "distill")
 
 
-def train_augment(ctx: Context, seed: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def train_augment(ctx: Context) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The recipe's augmentation for this run's data: pixels shifted in from outside the image are black."""
     pre = ctx.data().preprocessing
     fill = [-m / s for m, s in zip(pre["mean"], pre["std"])] if pre.get("mean") else None
-    return augmenter(ctx.recipe.data.augment, seed, fill=fill)
+    return augmenter(ctx.recipe.data.augment, fill=fill)
 
 
-def augmenter(cfg: Augment, seed: int = 0, fill: list[float] | None = None
-              ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def augmenter(cfg: Augment, fill: list[float] | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The recipe's augmentation as a batch transform for training batches (fit() never applies it to val/test).
 
     The transforms are those of torchvision v2 (RandomAffine rotation/scale, RandomHorizontal/VerticalFlip,
     RandomCrop with padding, brightness/contrast jitter, GaussianNoise) drawn per sample, but done on the whole
     batch at once: v2 draws one set of parameters per call, so per-sample draws meant a Python loop that took
     35 ms per batch of 64 8x8 digits, ten times the training step. Random draws come from torch's global
-    generator, which fit() seeds. `seed` is kept for callers; the draws do not depend on it.
+    generator, which fit() seeds.
     `fill`: per channel, the normalised value of the pixels a rotation or shift brings in (torchvision fills
     with 0 before normalisation, i.e. black; 0 after it would be the mean grey, a border the test images lack).
     """

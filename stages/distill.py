@@ -18,7 +18,7 @@ from torch import nn
 from pipeline import kd, models
 from pipeline.artifacts import Artifacts
 from pipeline.context import Context, StageError
-from pipeline.train import LossFn, TrainConfig, accuracy, fit, seed_everything, train_device
+from pipeline.train import LossFn, TrainConfig, accuracy, device_of, fit, seed_everything, train_device
 from stages._common import build_info, model_artifact, train_augment
 
 Method = Literal["hinton", "feature", "dynamic", "adversarial", "self", "ensemble"]
@@ -56,7 +56,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     seed_everything(seed)
     student = models.build(spec, *build_info(data))
     scratch = copy.deepcopy(student)
-    aug = train_augment(ctx, seed) if cfg.augment else None
+    aug = train_augment(ctx) if cfg.augment else None
     train = dict(x=data.x_train, y=data.y_train, x_val=data.x_val, y_val=data.y_val, cfg=cfg, seed=seed,
                  augment=aug, console=ctx.console if ctx.rank == 0 else None)
     # 2) KD student (self: several generations, each taught by the one before)
@@ -218,7 +218,7 @@ def _feature_loss(cfg: Config, student: nn.Module, teacher: nn.Module | None, in
     hinted = Hinted(student, cfg.student_layer, nn.Identity())
     with torch.no_grad():  # one probe through both nets gives the channel counts the adapter maps between
         hinted.eval()(probe)
-        teacher(probe.to(_device(teacher)))
+        teacher(probe.to(device_of(teacher)))
     s, t = hinted.feat, feats["t"]
     if s.dim() != t.dim() or s.dim() not in (2, 4):
         raise StageError(f"distill: feature hint needs two (N, C, H, W) or two (N, C) outputs; student_layer gives "
@@ -297,9 +297,4 @@ def _module(model: nn.Module, name: str, field: str) -> nn.Module:
 
 def _unwrap(m: nn.Module) -> nn.Module:
     return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
-
-
-def _device(m: nn.Module) -> torch.device:
-    p = next(m.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 

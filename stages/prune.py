@@ -14,7 +14,7 @@ from torch import nn
 from pipeline import kd, models
 from pipeline.artifacts import Artifacts
 from pipeline.context import Context, StageError
-from pipeline.train import TrainConfig, accuracy, fit, predict, seed_everything
+from pipeline.train import TrainConfig, accuracy, device_of, fit, predict, seed_everything
 from stages._common import model_artifact, train_augment
 from stages.distill import load_teacher
 
@@ -66,7 +66,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     # 3) fine-tune with the distillation loss
     history: dict = {}
     if cfg.epochs:
-        aug = train_augment(ctx, seed)
+        aug = train_augment(ctx)
         # without augmentation the teacher sees the same images every epoch: run it once, look outputs up by index
         cached = None if aug is not None else torch.from_numpy(predict(teacher, data.x_train))
 
@@ -75,7 +75,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
                 t = cached[idx].to(x.device)
             else:  # the teacher stays where it was loaded (CPU); fit() may train the student elsewhere
                 with torch.no_grad():
-                    t = teacher(x.to(_device(teacher))).to(x.device)
+                    t = teacher(x.to(device_of(teacher))).to(x.device)
             return kd.hinton(m(x), t, y, cfg.temperature, cfg.alpha).mean()
         history = fit(model, kd_loss, data.x_train, data.y_train, data.x_val, data.y_val, cfg, seed=seed,
                       desc="student-pruned (KD fine-tune)", augment=aug, log=ctx.log)
@@ -141,11 +141,6 @@ def _modules(model: nn.Module, names: list[str], setting: str) -> list[nn.Module
             raise StageError(f"prune.{setting}: no module '{n}' in {type(model).__name__}. Module names look "
                              f"like: {', '.join(known)} ...") from None
     return out
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _conv_widths(model: nn.Module) -> dict[str, int]:

@@ -55,7 +55,7 @@ def _torch_teacher(ctx: Context, name: str, spec: ModelSpec, cfg: Config, seed: 
     if spec.checkpoint is None:
         history = fit(model, lambda m, x, y, _: F.cross_entropy(m(x), y), data.x_train, data.y_train,
                       data.x_val, data.y_val, cfg, seed=seed, desc=name,
-                      augment=train_augment(ctx, seed),
+                      augment=train_augment(ctx),
                       console=ctx.console if ctx.rank == 0 else None)
     # 3) measure and save
     val, test = accuracy(model, data.x_val, data.y_val), accuracy(model, data.x_test, data.y_test)
