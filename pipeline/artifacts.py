@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from pipeline.device.manifest import sha256_file  # one definition, stdlib only, shared with the device side
+from pipeline.device.hashing import sha256_file  # one definition, stdlib only, shared with the device side
 
 
 class Artifact(BaseModel, extra="forbid"):

@@ -1,6 +1,6 @@
 """Check a shipped bundle against its manifest.json: on the build host (`pipeline verify`) and on the device.
 
-Standard library only (plus the sibling trtexec module, itself stdlib only), because the device may have
+Standard library only (plus the sibling hashing and trtexec modules, themselves stdlib only), because the device may have
 nothing else:
 
     python3 -m device.manifest verify .                 # inside an unpacked bundle
@@ -13,31 +13,19 @@ onnxruntime of another major.minor than the one the figures were measured with. 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import tarfile
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 
+from .hashing import sha256_file, sha256_stream
+
 MANIFEST = "manifest.json"
-CHUNK = 1 << 20
 
 
 class NotABundle(ValueError):
     """No manifest.json where one should be, or an unreadable archive."""
-
-
-def sha256_stream(f) -> str:
-    h = hashlib.sha256()
-    for block in iter(lambda: f.read(CHUNK), b""):
-        h.update(block)
-    return h.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return sha256_stream(f)
 
 
 def checksums(root: Path) -> dict[str, str]:

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .manifest import sha256_file  # noqa: F401  (re-exported: engine keys start from the ONNX file's hash)
+from .hashing import sha256_file  # noqa: F401  (re-exported: engine keys start from the ONNX file's hash)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 JETPACK_TRTEXEC = Path("/usr/src/tensorrt/bin/trtexec")  # JetPack installs it here, not on PATH
