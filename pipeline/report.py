@@ -117,9 +117,8 @@ def recommend(report: dict) -> dict | None:
     slow = {f["artifact"] for f in report["flags"] if f["kind"] in ("not_faster", "accuracy_drop")
             and roles.get(f["artifact"]) not in STUDENTS}
     best = None
-    for art in sorted({r["artifact"] for r in rows}):
-        role = next(r.get("role") for r in rows if r["artifact"] == art)
-        if role in ("teacher", "student-scratch") or art in slow:
+    for art in sorted(roles):
+        if roles[art] in ("teacher", "student-scratch") or art in slow:
             continue
         row = best_row(rows, art, True)
         basis = "target"
