@@ -173,11 +173,9 @@ def _model_info(run_dir: Path, name: str, report: dict) -> dict:
 
 def _manifest(stage: Path, report: dict, prof: Profile, verdict, recipe: dict, splits: dict,
               models: list[dict]) -> dict:
-    from .device.measure import BenchSettings
-    b, t = recipe.get("benchmark", {}), prof.target
-    settings = BenchSettings(b.get("warmup", 20), b.get("min_runs", 200), b.get("min_duration_s", 1.0),
-                             b.get("max_duration_s", 30.0), b.get("throughput_duration_s", 0.3),
-                             b.get("energy_window_s", 1.0), list(t.threads), list(t.batch_sizes))
+    from stages import benchmark  # the run's own benchmark settings, as the stage built them
+    t = prof.target
+    settings = benchmark.settings(benchmark.Config.model_validate(recipe.get("benchmark", {})), t)
     shipped = {m["name"] for m in models}
     versions = report["environment"].get("versions", {})
     return {

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from pipeline import estimate
 from pipeline.artifacts import Artifact, Artifacts, atomic_write_text
+from pipeline.config import Target
 from pipeline.context import Context
 from pipeline.device import energy as energy_mod
 from pipeline.device import envinfo, trtbench
@@ -33,8 +34,8 @@ class Config(BaseModel, extra="forbid"):
                                                    "profile targets something else")
 
 
-def settings(cfg: Config, ctx: Context) -> BenchSettings:
-    t = ctx.profile.target
+def settings(cfg: Config, t: Target) -> BenchSettings:
+    """What the timing loop needs: the stage's settings and the target's thread counts and batch sizes."""
     return BenchSettings(cfg.warmup, cfg.min_runs, cfg.min_duration_s, cfg.max_duration_s,
                          cfg.throughput_duration_s, cfg.energy_window_s, list(t.threads), list(t.batch_sizes))
 
@@ -58,7 +59,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
         providers.append(CPU)
     where = envinfo.describe("host")
     meter, meter_reasons = energy_mod.pick_meter(kinds=meter_kinds(where))
-    rows = measure(models, providers, settings(cfg, ctx), data.x_test, data.y_test, refs, where, meter=meter,
+    rows = measure(models, providers, settings(cfg, ctx.profile.target), data.x_test, data.y_test, refs, where, meter=meter,
                    no_meter_energy=_host_energy(ctx), cache_dir=ctx.path("trt-cache"), log=ctx.log)
     _add_source_agreement(rows, models, data.x_test)
     # 3) native TensorRT (trtexec) where the profile wants it
@@ -69,7 +70,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     device = os.environ.get("PIPELINE_DEVICE") or profile.device
     if device:
         from pipeline.remote import remote_rows
-        rows += remote_rows(device, models, data, refs, settings(cfg, ctx), ctx)
+        rows += remote_rows(device, models, data, refs, settings(cfg, ctx.profile.target), ctx)
     for r in rows:
         r["on_target"] = _on_target(r, profile.target, device_named=bool(device))
     # 5) estimates where the target has no measurement
