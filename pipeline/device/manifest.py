@@ -174,8 +174,9 @@ def check(bundle: str | Path, here: dict | None = None) -> tuple[list[str], list
         elif have[rel] != want:
             problems.append(f"{rel}: sha256 {have[rel][:16]}… differs from the manifest's {want[:16]}…: the file "
                             f"changed after shipping (corrupt copy or edited); ship it again")
-    here = runtime() if here is None else here
     want_ort = (manifest.get("versions") or {}).get("onnxruntime")
+    if here is None and (want_ort or engines):  # probing TensorRT may run trtexec: only when there is a use
+        here = runtime()
     if want_ort and here.get("onnxruntime") is None:
         warnings.append(f"onnxruntime is not installed here; the figures were measured with {want_ort} "
                         f"(pip install onnxruntime=={want_ort}, or onnxruntime-gpu on a GPU)")
