@@ -79,6 +79,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     for src in sources:
         src_art, src_path = inputs[src], ctx.path(src)
         stem = src.removesuffix(".onnx")
+        ref = None  # the FP32 source's test outputs, shared by its INT8 and FP16 checks
         for precision in precisions:
             name = f"{stem}.{precision}.onnx"
             path = ctx.path(name)
@@ -87,8 +88,10 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
                 quant = _int8(src_path, path, cfg, settings, data.x_train, ctx)
             else:
                 quant = _fp16(src_path, path)
-            # 3) check: accuracy on the test split, agreement and output difference vs the FP32 source
-            check = evaluate(path, src_path, data.x_test, data.y_test)
+            # 3) check: accuracy on the test split, agreement and output difference vs the FP32 source (run
+            # after the first conversion, which is what reports an unreadable source clearly)
+            ref = _logits(src_path, data.x_test) if ref is None else ref
+            check = evaluate(path, ref, data.x_test, data.y_test)
             meta = {"role": f"{src_art.meta.get('role', stem)}-{precision}", "precision": precision,
                     "source_onnx": src, "predecessor": src, "quant": quant, **check,
                     **{k: src_art.meta[k] for k in ("params", "macs") if k in src_art.meta}}
@@ -173,8 +176,6 @@ def _int8(src: Path, dst: Path, cfg: Config, s: dict, x_train: np.ndarray, ctx: 
                                    "DedicatedQDQPair": s["dedicated_qdq_pair"],
                                    **({"CalibPercentile": cfg.percentile}
                                       if cfg.calibrate_method == "percentile" else {})})
-        except StageError:
-            raise
         except Exception as e:  # onnxruntime and onnx raise many types; the message is what helps
             raise StageError(f"{where}: onnxruntime could not quantize it ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}). Check quantize.preset/format, or set "
@@ -212,7 +213,7 @@ def _reader(cfg: Config, x_train: np.ndarray, input_name: str, seed: int):
     class Reader(CalibrationDataReader):
         def __init__(self):
             self.n = n
-            self.batches = iter([x[i:i + cfg.calibration_batch] for i in range(0, n, cfg.calibration_batch)])
+            self.rewind()
 
         def get_next(self):
             batch = next(self.batches, None)
@@ -253,14 +254,19 @@ def _fp16(src: Path, dst: Path) -> dict:
 
 
 # ---------------------------------------------------------------- checks
-def evaluate(path: Path, src_path: Path, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    """Test-split accuracy through onnxruntime, and agreement / output difference with the FP32 source."""
-    from pipeline.device.ortbench import CPU, Skip, logits, open_session
+def _logits(path: Path, x: np.ndarray) -> np.ndarray:
+    from pipeline.device.ortbench import CPU, logits, open_session  # onnxruntime: only when the stage runs
+    return logits(open_session(path, CPU, threads=0), x)
+
+
+def evaluate(path: Path, ref: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Test-split accuracy through onnxruntime, and agreement / output difference with the FP32 source's
+    outputs `ref` on the same inputs."""
+    from pipeline.device.ortbench import Skip
     try:
-        got = logits(open_session(path, CPU, threads=0), x)
+        got = _logits(path, x)
     except Skip as e:
         raise StageError(f"quantize: {path.name} does not load in onnxruntime: {e}") from None
-    ref = logits(open_session(src_path, CPU, threads=0), x)
     diff = np.abs(got - ref)
     return {"test_acc": float((got.argmax(1) == y).mean()), "source_test_acc": float((ref.argmax(1) == y).mean()),
             "agreement_vs_source": float((got.argmax(1) == ref.argmax(1)).mean()),
