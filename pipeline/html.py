@@ -12,7 +12,7 @@ import io
 import math
 from typing import Any
 
-from pipeline.report import distill_facts
+from pipeline.report import distill_facts, fmt, how
 
 HOW = {"target": "measured on target", "host": "measured on host", "estimate": "estimated with formula",
        "skipped": "skipped"}
@@ -41,17 +41,8 @@ def render(report: dict) -> str:
 
 
 # ---------------------------------------------------------------- figures and how they were obtained
-def how(r: dict) -> str:
-    """'target', 'host', 'estimate' or 'skipped': how this row's figures were obtained."""
-    if r["status"] == "skipped":
-        return "skipped"
-    if r["status"] == "estimated":
-        return "estimate"
-    return "target" if r.get("on_target") else "host"
-
-
 def _num(v: float | None, digits: int = 4) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
+    return fmt(v, digits)
 
 
 def _si(v: float | None) -> str:

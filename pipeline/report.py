@@ -157,28 +157,36 @@ def distill_facts(d: dict) -> list[tuple[str, str]]:
     """The distill stage's results as (label, value) lines, for report.md and report.html alike."""
     gap = d.get("gap_closed")
     out = [("teacher" + (f" (ensemble of {d['teachers']})" if (d.get("teachers") or 1) > 1 else ""),
-            _fmt(d.get("acc_teacher"), 4)),
-           ("KD student", _fmt(d.get("acc_kd"), 4)),
-           ("scratch student (same budget, no teacher)", _fmt(d.get("acc_scratch"), 4)),
+            fmt(d.get("acc_teacher"), 4)),
+           ("KD student", fmt(d.get("acc_kd"), 4)),
+           ("scratch student (same budget, no teacher)", fmt(d.get("acc_scratch"), 4)),
            ("gap closed (KD - scratch) / (teacher - scratch)",
-            _fmt(gap, 2) if gap is not None else "undefined: the scratch student is at least as accurate as the "
+            fmt(gap, 2) if gap is not None else "undefined: the scratch student is at least as accurate as the "
                                                  "teacher")]
     if d.get("attack"):  # adversarial KD: robustness is what the method is for
         out.append((f"under attack ({d['attack']}): KD / scratch",
-                    f"{_fmt(d.get('acc_kd_attacked'), 4)} / {_fmt(d.get('acc_scratch_attacked'), 4)}"))
+                    f"{fmt(d.get('acc_kd_attacked'), 4)} / {fmt(d.get('acc_scratch_attacked'), 4)}"))
     for g in d.get("generations") or []:  # self-distillation: each generation's student
-        out.append((f"generation {g['generation']}", f"{_fmt(g.get('test_acc'), 4)} (val {_fmt(g.get('val_acc'), 4)})"))
+        out.append((f"generation {g['generation']}", f"{fmt(g.get('test_acc'), 4)} (val {fmt(g.get('val_acc'), 4)})"))
     return out
 
 
-def _fmt(v: float | None, digits: int = 3) -> str:
+def fmt(v: float | None, digits: int = 3) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
-def _label(r: dict) -> str:
+def how(r: dict) -> str:
+    """'target', 'host', 'estimate' or 'skipped': how this row's figures were obtained."""
+    if r["status"] == "skipped":
+        return "skipped"
     if r["status"] == "estimated":
-        return "e"
-    return "" if r.get("on_target") else "h"
+        return "estimate"
+    return "target" if r.get("on_target") else "host"
+
+
+def _label(r: dict) -> str:
+    """The table's suffix for how(r): none on the target, `e` estimated, `h` this host (skipped rows show —)."""
+    return {"target": "", "estimate": "e"}.get(how(r), "h")
 
 
 def table_rows(report: dict) -> list[list[str]]:
@@ -190,7 +198,7 @@ def table_rows(report: dict) -> list[list[str]]:
             p50 = p95 = thr = energy = "—"
         elif r["status"] == "estimated":
             p50, p95, thr = f"≥{lat['lower_bound']:.4f}e", "—", "—"
-            energy = f"{_fmt(r.get('energy_mj'), 4)}e"
+            energy = f"{fmt(r.get('energy_mj'), 4)}e"
         else:
             p50, p95 = f"{lat['p50']:.4f}{tag}", f"{lat['p95']:.4f}{tag}"
             thr = f"{r['throughput'].get('1', 0):.0f}{tag}"
@@ -201,7 +209,7 @@ def table_rows(report: dict) -> list[list[str]]:
                     f"{r['where']['kind']}:{where}", "—" if size is None else f"{size / 1024:.1f}",
                     "—" if r.get("params") is None else f"{r['params']:,}",
                     "—" if r.get("macs") is None else f"{r['macs']:,}",
-                    _fmt(r.get("accuracy"), 4), _fmt(r.get("delta_vs_teacher"), 4), p50, p95, thr, energy,
+                    fmt(r.get("accuracy"), 4), fmt(r.get("delta_vs_teacher"), 4), p50, p95, thr, energy,
                     r["status"] + (f": {r['reason']}" if r.get("reason") else "")])
     return out
 
