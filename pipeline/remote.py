@@ -37,22 +37,28 @@ def resolve(device: str | DeviceSpec) -> sshlink.Remote:
         raise StageError(f"PIPELINE_DEVICE={device!r}: {e}") from None
 
 
+def copy_payload(dest: Path, model_paths: list[Path]) -> None:
+    """What a benchmark kit and a shipped bundle both carry: models/ (each model with its sidecar weight files)
+    and device/ (the runner, pipeline/device/*.py)."""
+    for sub in ("models", "device"):
+        (dest / sub).mkdir(parents=True, exist_ok=True)
+    for p in model_paths:
+        for f in files(p):
+            shutil.copy2(f, dest / "models" / f.name)
+    for f in sorted(DEVICE_DIR.glob("*.py")):
+        shutil.copy2(f, dest / "device" / f.name)
+
+
 def stage_kit(kit: Path, models: list[ModelEntry], data: Splits, refs: dict[str, np.ndarray],
               settings: BenchSettings, ctx: Context, n_test: int | None = None) -> None:
     """models/, data/test_batch.npz, device/*.py and manifest.json with every file's sha256."""
     if kit.exists():
         shutil.rmtree(kit)
-    (kit / "models").mkdir(parents=True)
-    (kit / "data").mkdir()
-    (kit / "device").mkdir()
-    for m in models:
-        for f in files(m.path):
-            shutil.copy2(f, kit / "models" / f.name)
+    (kit / "data").mkdir(parents=True)
+    copy_payload(kit, [m.path for m in models])
     n = n_test or len(data.x_test)
     np.savez(kit / "data" / "test_batch.npz", x=data.x_test[:n], y=data.y_test[:n],
              **{f"ref_{k}": v[:n] for k, v in refs.items()})
-    for f in DEVICE_DIR.glob("*.py"):
-        shutil.copy2(f, kit / "device" / f.name)
     listed = checksums(kit)
     manifest = {"kind": "benchmark-kit", "run_id": ctx.run_dir.name, "files": listed,
                 "models": [{"name": m.name, "file": f"models/{m.path.name}", "precision": m.precision,

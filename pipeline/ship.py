@@ -18,7 +18,6 @@ import gzip
 import json
 import os
 import re
-import shutil
 import tarfile
 import tempfile
 from dataclasses import asdict
@@ -31,8 +30,8 @@ from .artifacts import files
 from .config import ConfigError, DataConfig, Profile, load_profile
 from .device import manifest as mf
 from .gate import UNUSABLE, gate
+from .remote import copy_payload
 
-DEVICE_DIR = Path(__file__).resolve().parent / "device"
 TEST_BATCH = 64  # images in data/test_batch.npz: enough for an agreement check, small enough to copy anywhere
 VARIANTS = ("fp16", "int8")
 
@@ -110,13 +109,8 @@ def _shipped(run_dir: Path, artifact: str, tensorrt: bool) -> list[str]:
 
 
 def _stage(stage: Path, run_dir: Path, report: dict, prof: Profile, verdict, names: list[str]) -> None:
-    for sub in ("models", "data", "device"):
-        (stage / sub).mkdir(parents=True)
-    for n in names:
-        for f in files(run_dir / n):
-            shutil.copy2(f, stage / "models" / f.name)
-    for f in sorted(DEVICE_DIR.glob("*.py")):
-        shutil.copy2(f, stage / "device" / f.name)
+    (stage / "data").mkdir(parents=True)
+    copy_payload(stage, [run_dir / n for n in names])
     recipe = json.loads((run_dir / "recipe.json").read_text())
     splits = json.loads((run_dir / "splits.json").read_text())
     _test_batch(stage / "data" / "test_batch.npz", run_dir, recipe, splits, names[0])
