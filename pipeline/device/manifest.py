@@ -1,6 +1,6 @@
 """Check a shipped bundle against its manifest.json: on the build host (`pipeline verify`) and on the device.
 
-Standard library only (plus the sibling hashing and trtexec modules, themselves stdlib only), because the device may have
+Standard library only (plus sibling modules of this folder, themselves stdlib only), because the device may have
 nothing else:
 
     python3 -m device.manifest verify .                 # inside an unpacked bundle
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import sys
 import tarfile
-from importlib import metadata
 from pathlib import Path, PurePosixPath
 
 from .hashing import sha256_file, sha256_stream
@@ -98,17 +97,10 @@ def _json(data: bytes, where: str) -> dict:
 # ---------------------------------------------------------------- this machine's runtimes
 def runtime() -> dict:
     """onnxruntime and TensorRT versions and the GPU's compute capability here; None where absent."""
-    ort = _dist_version("onnxruntime", "onnxruntime-gpu")
+    from .envinfo import versions
+    found = versions("onnxruntime", "onnxruntime-gpu")
+    ort = found["onnxruntime"] or found["onnxruntime-gpu"]
     return {"onnxruntime": ort, "tensorrt": _trt_version(), "compute_capability": _compute_capability()}
-
-
-def _dist_version(*names: str) -> str | None:
-    for n in names:
-        try:
-            return metadata.version(n)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def _trt_version() -> str | None:
@@ -118,13 +110,11 @@ def _trt_version() -> str | None:
     except Exception:
         pass
     try:
-        import subprocess
-
-        from . import trtexec as tx
-        exe = tx.find_trtexec()
+        from .trtbench import trt_version
+        from .trtexec import find_trtexec
+        exe = find_trtexec()
         if exe:
-            out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
-            return str(tx.TrtVersion.parse(out.stdout + out.stderr))
+            return str(trt_version(exe))
     except Exception:
         pass
     return None
