@@ -22,7 +22,7 @@ from xml.etree import ElementTree as ET
 
 from . import reportschema
 from .config import ConfigError, Profile, load_profile
-from .report import noise_margin_ms
+from .report import measured_rows, noise_margin_ms
 
 BUDGETS = ("p95_latency_ms", "min_accuracy", "max_accuracy_drop", "max_size_mb", "max_energy_mj")
 MET, MISSED, NO_MEASUREMENT, UNUSABLE = 0, 1, 2, 3
@@ -143,22 +143,17 @@ def _best_student(rows: list[dict]) -> str | None:
     students = {r["artifact"] for r in rows if r.get("role") not in ("teacher", "student-scratch")}
 
     def key(a: str) -> tuple:
-        lat = [r["latency_ms"]["p95"] for r in _target_rows(rows, a) if r["latency_ms"].get("p95") is not None]
+        lat = [r["latency_ms"]["p95"] for r in measured_rows(rows, a, True) if r["latency_ms"].get("p95") is not None]
         acc = max((r["accuracy"] for r in rows if r["artifact"] == a and r.get("accuracy") is not None), default=0)
         return (not lat, min(lat, default=math.inf), -acc, a)
     return min(students, key=key) if students else None
-
-
-def _target_rows(rows: list[dict], artifact: str) -> list[dict]:
-    return [r for r in rows if r["artifact"] == artifact and r["status"] == "measured" and r.get("on_target")
-            and r.get("batch") == 1]
 
 
 def _check(budget: str, limit: float | None, artifact: str, report: dict, allow_estimates: bool) -> Case:
     if limit is None:
         return Case(budget, "not_set", message="not set in the profile")
     rows = report["rows"]
-    on_target = _target_rows(rows, artifact)
+    on_target = measured_rows(rows, artifact, True)
     if budget == "p95_latency_ms":
         return _latency(limit, on_target, [r for r in rows if r["artifact"] == artifact
                                            and r["status"] == "estimated"], allow_estimates)

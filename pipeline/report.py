@@ -29,9 +29,14 @@ def noise_margin_ms(a: dict, b: dict | None = None, q: str = "p50") -> float:
     return max(2 * math.sqrt(err), 0.02 * a[q])
 
 
+def measured_rows(rows: list[dict], artifact: str, on_target: bool) -> list[dict]:
+    """The artifact's measured batch-1 rows, on the profile's target or not."""
+    return [r for r in rows if r["artifact"] == artifact and r["status"] == "measured"
+            and bool(r.get("on_target", False)) == on_target and r.get("batch") == 1]
+
+
 def best_row(rows: list[dict], artifact: str, on_target: bool) -> dict | None:
-    cands = [r for r in rows if r["artifact"] == artifact and r["status"] == "measured"
-             and r.get("on_target", False) == on_target and r.get("batch") == 1]
+    cands = measured_rows(rows, artifact, on_target)
     return min(cands, key=lambda r: r["latency_ms"]["p50"]) if cands else None
 
 
