@@ -59,7 +59,8 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
         providers.append(CPU)
     where = envinfo.describe("host")
     meter, meter_reasons = energy_mod.pick_meter(kinds=meter_kinds(where))
-    rows = measure(models, providers, settings(cfg, ctx.profile.target), data.x_test, data.y_test, refs, where, meter=meter,
+    timing = settings(cfg, profile.target)
+    rows = measure(models, providers, timing, data.x_test, data.y_test, refs, where, meter=meter,
                    no_meter_energy=_host_energy(ctx), cache_dir=ctx.path("trt-cache"), log=ctx.log)
     _add_source_agreement(rows, models, data.x_test)
     # 3) native TensorRT (trtexec) where the profile wants it
@@ -70,7 +71,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     device = os.environ.get("PIPELINE_DEVICE") or profile.device
     if device:
         from pipeline.remote import remote_rows
-        rows += remote_rows(device, models, data, refs, settings(cfg, ctx.profile.target), ctx)
+        rows += remote_rows(device, models, data, refs, timing, ctx)
     for r in rows:
         r["on_target"] = _on_target(r, profile.target, device_named=bool(device))
     # 5) estimates where the target has no measurement
