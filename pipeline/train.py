@@ -16,7 +16,6 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from .context import StageError
-from .models import count
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -108,10 +107,34 @@ def pick_threads(cfg: TrainConfig, model: nn.Module, sample_shape: tuple[int, ..
     if cfg.threads:
         return cfg.threads
     try:
-        macs = count(model, sample_shape)[1] * cfg.batch_size
-    except Exception:  # a model the op counter cannot run: assume it is large
+        macs = _conv_linear_macs(model, sample_shape) * cfg.batch_size
+    except Exception:  # a model that does not run on a zero sample: assume it is large
         macs = math.inf
     return 1 if macs < SMALL_BATCH_MACS else max(1, (os.cpu_count() or 1) // world)
+
+
+@torch.no_grad()
+def _conv_linear_macs(model: nn.Module, sample_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of the conv and linear layers for one sample (a quick estimate, milliseconds).
+
+    Not models.count: torch-pruning's counter feeds torch.randn, which would move the global generator that
+    fit() has just seeded, and with it every later draw (shuffles aside: mixup, dropout, augmentation).
+    """
+    total = [0]
+
+    def hook(m, _inp, out):
+        per_out = m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups * math.prod(m.kernel_size)
+        total[0] += out.numel() * per_out
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was = model.training
+    try:
+        model.eval()(torch.zeros(1, *sample_shape))
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return total[0]
 
 
 def fit(model: nn.Module, loss_fn: LossFn, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,

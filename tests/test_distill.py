@@ -17,7 +17,7 @@ from pipeline import kd, models
 from pipeline.config import DEFAULT_RECIPE, ModelSpec, recipe_model
 from pipeline.context import Context, StageError
 from pipeline.data import load_splits
-from pipeline.train import TrainConfig, _lr_factor, accuracy, fit, seed_everything
+from pipeline.train import TrainConfig, _lr_factor, accuracy, fit, pick_threads, seed_everything
 from stages import distill, export, teacher
 from tests.conftest import FAST
 
@@ -260,6 +260,15 @@ def test_training_is_deterministic_on_cpu(digits):
     assert ha["history"] == hb["history"]
     assert accuracy(a, digits.x_test, digits.y_test) == accuracy(b, digits.x_test, digits.y_test)
     assert _train(digits, cfg, seed=1)[1]["history"] != ha["history"]
+
+
+def test_choosing_the_thread_count_leaves_the_seeded_generator_alone():
+    # fit() seeds, then picks threads: a draw there would shift every later one (dropout, mixup, augmentation)
+    model = models.build(ModelSpec.model_validate(STUDENT), 1, 10, 8)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    assert pick_threads(TrainConfig(), model, (1, 8, 8), world=1) == 1  # 8x8 digits: a small model
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_a_nan_loss_stops_with_the_epoch_and_the_last_finite_loss(digits):
