@@ -42,7 +42,7 @@ test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python -m pipeline.bench --profile $(PROFILE)
+	$(BIN)/python scripts/bench.py --profile $(PROFILE)
 
 gate: $(STAMP)
 	$(BIN)/pipeline gate $(RUN) --profile $(PROFILE) $(GATE_ARGS)
@@ -54,7 +54,7 @@ report: $(STAMP)
 	$(BIN)/pipeline report $(RUN)
 
 render: $(STAMP)
-	$(BIN)/python -m pipeline.render $(RUN)/report.html $(RUN)/report.png
+	$(BIN)/python -m pipeline.report.render $(RUN)/report.html $(RUN)/report.png
 
 clean:
 	rm -rf runs bench-results

@@ -10,8 +10,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .config import DEFAULT_RECIPE, STAGES, ConfigError, available_profiles, load_profile, load_recipe
-from .context import StageError
+import stages as stage_registry
+from pipeline.config import DEFAULT_RECIPE, available_profiles, load_profile, load_recipe
+from pipeline.errors import ConfigError, StageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill, prune, export, quantize, benchmark, report, gate and ship vision models.")
@@ -40,8 +41,8 @@ def run(profile: Annotated[str, typer.Option(help="a name from profiles/ or a YA
         nproc: Annotated[int, typer.Option(help="processes for teacher/distill training (torchrun, DDP)")] = 1,
         ) -> None:
     """Run every enabled stage and write runs/<id>/report.md."""
-    from .report import render_md  # noqa: F401  (import errors surface before a long run)
-    from .runner import run_pipeline
+    from pipeline.report.build import render_md  # noqa: F401  (import errors surface before a long run)
+    from pipeline.runner import run_pipeline
     try:
         prof = load_profile(profile)
         rec = load_recipe(recipe, prof)
@@ -61,7 +62,7 @@ def run(profile: Annotated[str, typer.Option(help="a name from profiles/ or a YA
 def _print_report(run_dir: Path) -> None:
     import json
 
-    from .report import HEADER, table_rows
+    from pipeline.report.build import HEADER, table_rows
     report = json.loads((run_dir / "report.json").read_text())
     keep = ["artifact", "prec", "backend/provider", "where", "KiB", "acc", "Δ teacher", "p50 ms", "p95 ms",
             "mJ/inf", "status"]
@@ -98,9 +99,8 @@ def _print_report(run_dir: Path) -> None:
 @app.command()
 def stages() -> None:
     """List the stages in the order they run."""
-    from .runner import stage_module
-    for i, name in enumerate(STAGES, 1):
-        doc = (stage_module(name).run.__doc__ or "").strip().splitlines()[0]
+    for i, name in enumerate(stage_registry.STAGES, 1):
+        doc = (stage_registry.load(name).run.__doc__ or "").strip().splitlines()[0]
         console.print(f"{i}. [bold]{name}[/]: {doc}")
 
 
@@ -123,7 +123,7 @@ def profiles() -> None:
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")] = Path("runs/latest")) -> None:
     """Re-render report.md/.html from a run's report.json (nothing is rerun)."""
-    from .rerender import rerender
+    from pipeline.report.rerender import rerender
     try:
         for p in rerender(run_dir):
             console.print(f"wrote {p}")
@@ -147,7 +147,8 @@ def gate(run_dir: Annotated[Path, typer.Argument(help="a run directory")] = Path
          junit: Annotated[Optional[Path], typer.Option(help="also write JUnit XML here")] = None,
          as_json: Annotated[bool, typer.Option("--json", help="print the verdict as JSON")] = False) -> None:
     """Check the profile's budgets: exit 0 met, 1 missed, 2 no measurement on the target, 3 unusable input."""
-    from .gate import gate as check, write_junit
+    from pipeline.report.gate import gate as check
+    from pipeline.report.gate import write_junit
     verdict = check(run_dir, profile or _run_profile(run_dir), allow_estimates=allow_estimates)
     if junit is not None:
         write_junit(verdict, junit)
@@ -167,7 +168,8 @@ def ship(run_dir: Annotated[Path, typer.Argument(help="a run directory")] = Path
          ) -> None:
     """Bundle the recommended artifact (bundle-<recipe>-<run>.tar.gz) for a device; exit 3 on unusable input."""
 
-    from .ship import ShipError, ship as make
+    from pipeline.ship.bundle import ShipError
+    from pipeline.ship.bundle import ship as make
     try:
         make(run_dir, profile or _run_profile(run_dir), out, to=to,
              log=lambda m: console.print(m, highlight=False, markup=False))
@@ -181,7 +183,7 @@ def ship(run_dir: Annotated[Path, typer.Argument(help="a run directory")] = Path
 def verify(bundle: Annotated[Path, typer.Argument(help="a bundle .tar.gz or its unpacked folder")]) -> None:
     """Recompute a bundle's checksums and check runtimes: exit 0 verified, 1 refused, 3 not a bundle."""
 
-    from .ship import verify as check
+    from pipeline.ship.bundle import verify as check
     warnings: list[str] = []
     try:
         problems = check(bundle, warnings)

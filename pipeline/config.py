@@ -11,17 +11,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
+import stages
+from pipeline.errors import ConfigError
+
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = ROOT / "profiles"
 RECIPES_DIR = ROOT / "recipes"
 DEFAULT_RECIPE = RECIPES_DIR / "digits.yaml"
-
-# The single source of stage order; the runner and the contract test iterate over it.
-STAGES: tuple[str, ...] = ("teacher", "distill", "prune", "export", "quantize", "benchmark", "report")
-
-
-class ConfigError(Exception):
-    """Bad input from a file or the command line; the message says what to change. CLI exit code 2."""
 
 
 class Strict(BaseModel, extra="forbid"):
@@ -121,9 +117,7 @@ class Models(Strict):
 
 
 def _stage_configs() -> dict[str, Any]:
-    from importlib import import_module
-    return {name: (import_module(f"stages.{name}").Config, Field(default_factory=import_module(f"stages.{name}").Config))
-            for name in STAGES}
+    return {name: (stages.load(name).Config, Field(default_factory=stages.load(name).Config)) for name in stages.STAGES}
 
 
 class RecipeBase(Strict):
@@ -198,9 +192,9 @@ def load_recipe(path: Path, profile: Profile | None = None) -> RecipeBase:
     data = _read_yaml(path)
     if profile is not None:
         for stage, over in profile.overrides.items():
-            if stage not in STAGES:
+            if stage not in stages.STAGES:
                 raise ConfigError(f"profile '{profile.name}': overrides.{stage}: not a stage. "
-                                  f"Stages: {', '.join(STAGES)}.")
+                                  f"Stages: {', '.join(stages.STAGES)}.")
             data[stage] = {**(data.get(stage) or {}), **over}
     try:
         recipe = recipe_model().model_validate(data)

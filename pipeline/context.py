@@ -8,14 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from .config import Profile, RecipeBase
+from pipeline.config import Profile, RecipeBase
 
 if TYPE_CHECKING:
-    from .data import Splits
-
-
-class StageError(Exception):
-    """A stage could not do its work; the message names the stage setting and the fix. Earlier artifacts stay."""
+    from pipeline.train.data import Splits
 
 
 @dataclass
@@ -43,7 +39,7 @@ class Context:
     def data(self) -> "Splits":
         """Preprocessed splits, loaded once per process and shared by every stage."""
         if self._splits is None:
-            from .data import load_splits
+            from pipeline.train.data import load_splits
             self._splits = load_splits(self.recipe.data, self.recipe.seed, self.run_dir)
         return self._splits
 

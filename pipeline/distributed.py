@@ -23,8 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .artifacts import Artifact, Artifacts, atomic_write_text
-from .context import StageError
+from pipeline.artifacts import Artifact, Artifacts, atomic_write_text
+from pipeline.errors import StageError
 
 
 def result_path(run_dir: Path, stage: str) -> Path:
@@ -46,14 +46,14 @@ def run_stage_distributed(run_dir: Path, stage: str, nproc: int, quiet: bool = F
                          f"wrote its result. Rerun with --nproc 1 to see the error directly. Last lines:\n{tail}")
     rec = json.loads(result.read_text())
     if rec.get("error"):
-        from .config import ConfigError
+        from pipeline.errors import ConfigError
         raise (ConfigError if rec.get("type") == "ConfigError" else StageError)(rec["error"])
     return {k: Artifact.model_validate(v) for k, v in rec["outputs"].items()}, rec["results"]
 
 
 def _inputs(run_dir: Path, stage: str) -> Artifacts:
     """The outputs run.json records for the stages before `stage`, in stage order (what the runner would pass)."""
-    from .config import STAGES
+    from stages import STAGES
     record = json.loads((run_dir / "run.json").read_text())
     inputs: Artifacts = {}
     for name in STAGES[:STAGES.index(stage)]:
@@ -69,9 +69,10 @@ def main(run_dir: Path, stage: str) -> int:
     import torch.distributed as dist
     from rich.console import Console
 
-    from .config import ConfigError, Profile, recipe_model
-    from .context import Context
-    from .runner import stage_module
+    import stages
+    from pipeline.config import Profile, recipe_model
+    from pipeline.context import Context
+    from pipeline.errors import ConfigError
 
     run_dir = run_dir.resolve()
     recipe = recipe_model().model_validate_json((run_dir / "recipe.json").read_text())
@@ -84,7 +85,7 @@ def main(run_dir: Path, stage: str) -> int:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend)
     try:
-        outputs = stage_module(stage).run(_inputs(run_dir, stage), getattr(recipe, stage), ctx)
+        outputs = stages.load(stage).run(_inputs(run_dir, stage), getattr(recipe, stage), ctx)
         rec = {"outputs": {k: a.model_dump(mode="json") for k, a in outputs.items()},
                "results": ctx.results.get(stage, {}), "world_size": dist.get_world_size(), "backend": backend}
         code = 0

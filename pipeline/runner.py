@@ -11,22 +11,19 @@ import json
 import time
 import traceback
 from datetime import datetime, timezone
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from .artifacts import Artifact, Artifacts, atomic_write_text, fingerprint
-from .config import STAGES, ConfigError, Profile, RecipeBase
-from .context import Context, StageError
+import stages
+from pipeline.artifacts import Artifact, Artifacts, atomic_write_text, fingerprint
+from pipeline.config import Profile, RecipeBase
+from pipeline.context import Context
+from pipeline.errors import ConfigError, StageError
 
 RUN_SCHEMA = 1
 DISTRIBUTED_STAGES = ("teacher", "distill")  # the training stages that run under torchrun with --nproc > 1
-
-
-def stage_module(name: str):
-    return import_module(f"stages.{name}")
 
 
 def new_run_dir(runs_dir: Path, profile: Profile, recipe: RecipeBase) -> Path:
@@ -63,7 +60,7 @@ def _key(name: str, cfg: Any, recipe: RecipeBase, profile: Profile, inputs: Arti
     }
     if name in DISTRIBUTED_STAGES and nproc > 1:  # DDP results differ slightly from one process's
         payload["nproc"] = nproc
-    if getattr(stage_module(name), "USES_PROFILE", False):
+    if getattr(stages.load(name), "USES_PROFILE", False):
         payload["profile"] = profile.model_dump(mode="json", exclude={"description", "device"})
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -102,8 +99,8 @@ class Runner:
         ctx, artifacts = self.ctx, {}
         (self.run_dir / "recipe.json").write_text(ctx.recipe.model_dump_json(indent=2))
         (self.run_dir / "profile.json").write_text(ctx.profile.model_dump_json(indent=2))
-        for name in STAGES:
-            mod = stage_module(name)
+        for name in stages.STAGES:
+            mod = stages.load(name)
             cfg = getattr(ctx.recipe, name)
             if not getattr(cfg, "enabled", True):
                 self.record["stages"][name] = {"status": "disabled", "config": cfg.model_dump(mode="json")}
@@ -137,7 +134,7 @@ class Runner:
         t0 = time.perf_counter()
         try:
             if self.nproc > 1 and name in DISTRIBUTED_STAGES:
-                from .distributed import run_stage_distributed
+                from pipeline.distributed import run_stage_distributed
                 outputs, ctx.results[name] = run_stage_distributed(self.run_dir, name, self.nproc,
                                                                    quiet=ctx.console.quiet)
             else:

@@ -10,7 +10,6 @@ import os
 
 from pydantic import BaseModel, Field
 
-from pipeline import estimate
 from pipeline.artifacts import Artifact, Artifacts, atomic_write_text
 from pipeline.config import Target
 from pipeline.context import Context
@@ -18,6 +17,7 @@ from pipeline.device import energy as energy_mod
 from pipeline.device import envinfo, trtbench
 from pipeline.device.measure import BenchSettings, ModelEntry, measure, meter_kinds, predictions
 from pipeline.device.ortbench import CPU
+from pipeline.report import estimate
 
 USES_PROFILE = True
 NOT_ON_TARGET = "not measured on the target: set PIPELINE_DEVICE to benchmark on the device"
@@ -70,7 +70,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     notes: list[str] = []
     device = os.environ.get("PIPELINE_DEVICE") or profile.device
     if device:
-        from pipeline.remote import remote_rows
+        from pipeline.ship.kit import remote_rows
         rows += remote_rows(device, models, data, refs, timing, ctx)
     for r in rows:
         r["on_target"] = _on_target(r, profile.target, device_named=bool(device))
@@ -119,7 +119,8 @@ def _host_energy(ctx: Context):
 
 def _add_source_agreement(rows: list[dict], models: list[ModelEntry], x) -> None:
     """A quantized model's agreement with its FP32 source, and the max/mean |diff| of their outputs."""
-    from pipeline.device.ortbench import CPU as cpu, logits, open_session
+    from pipeline.device.ortbench import CPU as cpu
+    from pipeline.device.ortbench import logits, open_session
     by = {m.name: m for m in models}
     cache: dict[str, object] = {}
     for r in rows:

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from pipeline import kd, models
 from pipeline.artifacts import Artifacts
-from pipeline.context import Context, StageError
-from pipeline.train import LossFn, TrainConfig, accuracy, device_of, fit, seed_everything, train_device
+from pipeline.context import Context
+from pipeline.errors import StageError
+from pipeline.train import kd, models
+from pipeline.train.loop import LossFn, TrainConfig, accuracy, device_of, fit, seed_everything, train_device
 from stages._common import build_info, model_artifact, train_augment
 
 Method = Literal["hinton", "feature", "dynamic", "adversarial", "self", "ensemble"]

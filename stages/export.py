@@ -7,11 +7,12 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from pipeline import models
 from pipeline.artifacts import Artifact, Artifacts
-from pipeline.context import Context, StageError
+from pipeline.context import Context
 from pipeline.device.ortbench import CPU, logits, open_session
-from pipeline.train import predict
+from pipeline.errors import StageError
+from pipeline.train import models
+from pipeline.train.loop import predict
 
 
 class Config(BaseModel, extra="forbid"):

@@ -11,10 +11,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from pipeline import kd, models
 from pipeline.artifacts import Artifacts
-from pipeline.context import Context, StageError
-from pipeline.train import TrainConfig, accuracy, device_of, fit, predict, seed_everything
+from pipeline.context import Context
+from pipeline.errors import StageError
+from pipeline.train import kd, models
+from pipeline.train.loop import TrainConfig, accuracy, device_of, fit, predict, seed_everything
 from stages._common import model_artifact, train_augment
 from stages.distill import load_teacher
 

@@ -16,7 +16,8 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from pipeline.artifacts import Artifact, Artifacts, files
-from pipeline.context import Context, StageError
+from pipeline.context import Context
+from pipeline.errors import StageError
 
 USES_PROFILE = True
 
@@ -136,8 +137,7 @@ def _sources(inputs: Artifacts, cfg: Config) -> list[str]:
 # ---------------------------------------------------------------- INT8
 def _int8(src: Path, dst: Path, cfg: Config, s: dict, x_train: np.ndarray, ctx: Context) -> dict:
     import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_dynamic, \
-        quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_dynamic, quantize_static
     qtype = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
     where = f"quantize: {src.name} (preset {cfg.preset}, mode {cfg.mode}, format {s['format']})"
     try:

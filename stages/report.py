@@ -5,9 +5,9 @@ import json
 
 from pydantic import BaseModel, Field
 
-from pipeline import report as rep
 from pipeline.artifacts import Artifact, Artifacts, atomic_write_text
 from pipeline.context import Context
+from pipeline.report import build as rep
 
 USES_PROFILE = True
 
@@ -23,7 +23,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     atomic_write_text(ctx.path("report.md"), rep.render_md(report))
     out = {n: Artifact(name=n, kind="json", stage="report") for n in ("report.json", "report.md")}
     if cfg.html:
-        from pipeline import html
+        from pipeline.report import html
         atomic_write_text(ctx.path("report.html"), html.render(report))
         out["report.html"] = Artifact(name="report.html", kind="json", stage="report")
     ctx.results["report"] = {"recommended": report["recommended"]}

@@ -12,11 +12,11 @@ import shutil
 import torch.nn.functional as F
 from pydantic import Field
 
-from pipeline import models
 from pipeline.artifacts import Artifact, Artifacts, files
 from pipeline.config import ModelSpec
 from pipeline.context import Context
-from pipeline.train import TrainConfig, accuracy, fit, seed_everything
+from pipeline.train import models
+from pipeline.train.loop import TrainConfig, accuracy, fit, seed_everything
 from stages._common import build_info, model_artifact, train_augment
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sshlink import Remote
+from pipeline.ship.ssh import Remote
 
 SSHD = Path("/usr/sbin/sshd")
 START_TIMEOUT_S = 10.0  # sshd listens within ~100 ms; 10 s allows a loaded CI runner

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipeline.bench import TARGETS, score
+from scripts.bench import TARGETS, score
 
 
 def test_bench_scores_a_real_run_with_every_figure_sourced(real_run):

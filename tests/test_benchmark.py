@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import models
-from pipeline.data import load_splits
 from pipeline.config import DataConfig
 from pipeline.device.ortbench import CPU, CUDA, TRT, Skip, Timed, feed, open_session, stats, time_interleaved
-from pipeline.train import accuracy
+from pipeline.train import models
+from pipeline.train.data import load_splits
+from pipeline.train.loop import accuracy
 
 
 def _onnx(real_run, name="student.onnx"):

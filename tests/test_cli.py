@@ -5,7 +5,8 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import DEFAULT_RECIPE, STAGES
+from pipeline.config import DEFAULT_RECIPE
+from stages import STAGES
 
 runner = CliRunner()
 

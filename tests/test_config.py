@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipeline.config import (DEFAULT_RECIPE, RECIPES_DIR, ConfigError, available_profiles, load_profile,
-                             load_recipe)
+from pipeline.config import DEFAULT_RECIPE, RECIPES_DIR, available_profiles, load_profile, load_recipe
+from pipeline.errors import ConfigError
 
 
 def test_shipped_profiles_load():

@@ -6,8 +6,8 @@ import inspect
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from pipeline.config import STAGES
-from pipeline.runner import stage_module
+from stages import STAGES
+from stages import load as stage_module
 
 
 def test_order_is_the_documented_one():

@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import Augment, ConfigError, DataConfig
-from pipeline.data import load_splits
-from pipeline.train import TrainConfig, fit
-from stages._common import augmenter
+from pipeline.config import Augment, DataConfig
+from pipeline.errors import ConfigError
+from pipeline.train.augment import augmenter
+from pipeline.train.data import load_splits
+from pipeline.train.loop import TrainConfig, fit
 
 PER_CLASS = 14  # 140 images: enough for stratified 20 % / 15 % hold-outs of every class
 

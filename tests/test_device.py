@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from pipeline.config import DEFAULT_RECIPE, load_profile
-from pipeline.context import StageError
+from pipeline.errors import StageError
 from pipeline.runner import Runner
 from stages.benchmark import NOT_ON_TARGET
 from tests.conftest import fast_recipe

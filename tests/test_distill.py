@@ -13,11 +13,12 @@ import torch.nn.functional as F
 import yaml
 from rich.console import Console
 
-from pipeline import kd, models
 from pipeline.config import DEFAULT_RECIPE, ModelSpec, recipe_model
-from pipeline.context import Context, StageError
-from pipeline.data import load_splits
-from pipeline.train import TrainConfig, _lr_factor, accuracy, fit, pick_threads, seed_everything
+from pipeline.context import Context
+from pipeline.errors import StageError
+from pipeline.train import kd, models
+from pipeline.train.data import load_splits
+from pipeline.train.loop import TrainConfig, _lr_factor, accuracy, fit, pick_threads, seed_everything
 from stages import distill, export, teacher
 from tests.conftest import FAST
 
@@ -215,7 +216,7 @@ def test_imagefolder_recipe_with_a_factory_teacher_checkpoint_runs_end_to_end(tm
     torch.save({"state_dict": net.state_dict()}, tmp_path / "teacher.pt")
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({
         "name": "folder", "data": {"kind": "imagefolder", "root": "images", "image_size": 8},
-        "models": {"teacher": {"arch": "pipeline.models:SmallCNN", "kwargs": factory, "checkpoint": "teacher.pt"},
+        "models": {"teacher": {"arch": "pipeline.train.models:SmallCNN", "kwargs": factory, "checkpoint": "teacher.pt"},
                    "student": STUDENT},
         "distill": {"epochs": 4, "lr": 0.01}, "prune": {"enabled": True, "epochs": 0, "ratio": 0.25, "round_to": 2},
         "quantize": {"enabled": True}, "benchmark": FAST["benchmark"]}))

@@ -59,8 +59,8 @@ def test_two_gloo_ranks_match_one_process_and_only_rank_0_writes(tmp_path):
 
 
 def test_a_stage_error_on_the_ranks_comes_back_as_the_same_error(tmp_path):
-    from pipeline.context import StageError
     from pipeline.distributed import run_stage_distributed
+    from pipeline.errors import StageError
     recipe = _recipe()
     recipe.distill.method = "ensemble"  # no extra teachers: the stage refuses before training
     _run_dir(tmp_path / "run", recipe, load_profile("edge-cpu"), {})

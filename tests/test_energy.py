@@ -6,9 +6,20 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.device.energy import (MeterUnavailable, NvmlMeter, RaplMeter, TegrastatsMeter, estimate_energy_mj,
-                                    input_rails, measure_energy, parse_jetson_clocks_show, parse_nvpmodel_q,
-                                    parse_tegrastats_line, pick_meter, query_jetson_state)
+from pipeline.device.energy import (
+    MeterUnavailable,
+    NvmlMeter,
+    RaplMeter,
+    TegrastatsMeter,
+    estimate_energy_mj,
+    input_rails,
+    measure_energy,
+    parse_jetson_clocks_show,
+    parse_nvpmodel_q,
+    parse_tegrastats_line,
+    pick_meter,
+    query_jetson_state,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.artifacts import files, fingerprint
 from pipeline.device.ortbench import CPU, logits, open_session
-from pipeline.models import SmallCNN
+from pipeline.train.models import SmallCNN
 from stages.export import Config, torch2onnx
 
 

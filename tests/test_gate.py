@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import PROFILES_DIR, load_profile
-from pipeline.gate import BUDGETS, gate
+from pipeline.report.gate import BUDGETS, gate
 
 cli = CliRunner()
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import kd
+from pipeline.train import kd
 
 
 def test_hinton_matches_hand_computed_value_with_t_squared():

@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import models
-from pipeline.config import ConfigError, ModelSpec
+from pipeline.config import ModelSpec
+from pipeline.errors import ConfigError
+from pipeline.train import models
 
 
 def tiny_net(width: int = 4, num_classes: int = 3) -> nn.Module:

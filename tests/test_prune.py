@@ -9,14 +9,16 @@ from pydantic import ValidationError
 from rich.console import Console
 from torch import nn
 
-from pipeline import models
 from pipeline.config import ModelSpec, load_profile
-from pipeline.context import Context, StageError
+from pipeline.context import Context
 from pipeline.device.ortbench import CPU, logits, open_session
-from pipeline.train import TrainConfig, accuracy, fit, predict
+from pipeline.errors import StageError
+from pipeline.train import models
+from pipeline.train.loop import TrainConfig, accuracy, fit, predict
 from stages import prune
 from stages._common import build_info, model_artifact
-from stages.export import Config as ExportConfig, torch2onnx
+from stages.export import Config as ExportConfig
+from stages.export import torch2onnx
 from tests.conftest import fast_recipe
 
 STUDENT = ModelSpec(arch="resnet", kwargs={"widths": [16, 32], "blocks": [1, 1]})

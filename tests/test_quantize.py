@@ -8,14 +8,16 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from pipeline import models
 from pipeline.artifacts import Artifact
 from pipeline.config import ModelSpec, load_profile
-from pipeline.context import Context, StageError
-from pipeline.train import TrainConfig, fit
+from pipeline.context import Context
+from pipeline.errors import StageError
+from pipeline.train import models
+from pipeline.train.loop import TrainConfig, fit
 from stages import quantize
 from stages._common import build_info
-from stages.export import Config as ExportConfig, torch2onnx
+from stages.export import Config as ExportConfig
+from stages.export import torch2onnx
 from tests.conftest import fast_recipe
 
 STUDENT = ModelSpec(arch="cnn", kwargs={"channels": [16, 32]})

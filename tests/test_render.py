@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image, ImageStat
 
-from pipeline import render
+from pipeline.report import render
 
 needs_chromium = pytest.mark.skipif(render.find_chromium() is None,
                                     reason="Chromium not installed: apt-get install chromium (make test-deps)")

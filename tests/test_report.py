@@ -9,10 +9,13 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import html, reportschema
-from pipeline.config import ConfigError
-from pipeline.report import flags as report_flags, recommend as report_recommend, render_md
-from pipeline.rerender import rerender
+from pipeline.errors import ConfigError
+from pipeline.report import html
+from pipeline.report import schema as reportschema
+from pipeline.report.build import flags as report_flags
+from pipeline.report.build import recommend as report_recommend
+from pipeline.report.build import render_md
+from pipeline.report.rerender import rerender
 from tests.test_gate import crafted_report, row
 
 cli = CliRunner()

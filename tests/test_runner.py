@@ -9,7 +9,7 @@ from rich.console import Console
 
 from pipeline.artifacts import fingerprint
 from pipeline.config import DEFAULT_RECIPE, load_profile
-from pipeline.context import StageError
+from pipeline.errors import StageError
 from pipeline.runner import latest_run, run_pipeline
 from tests.conftest import fast_recipe
 

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import ship as ship_mod
 from pipeline.cli import app
-from pipeline.config import ConfigError, load_profile
+from pipeline.config import load_profile
 from pipeline.device import manifest as mf
-from pipeline.ship import _shipped, parse_to, ship, verify
+from pipeline.errors import ConfigError
+from pipeline.ship import bundle as ship_mod
+from pipeline.ship.bundle import _shipped, parse_to, ship, verify
 from tests.test_gate import LOOSE, profile_file, rerun
 
 cli = CliRunner()

@@ -1,4 +1,4 @@
-"""pipeline.sshlink against a real OpenSSH server on 127.0.0.1 (the `sshd` fixture), no mocks.
+"""pipeline.ship.ssh against a real OpenSSH server on 127.0.0.1 (the `sshd` fixture), no mocks.
 
 The "device" is this machine, so a test can check the remote side by looking at local files.
 """
@@ -14,10 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sshlink import (HostKeyError, Remote, RemoteError, RemoteTimeout, SSHConnectError, get, put,
-                              resolve_path, run)
+from pipeline.ship.ssh import (
+    HostKeyError,
+    Remote,
+    RemoteError,
+    RemoteTimeout,
+    SSHConnectError,
+    get,
+    put,
+    resolve_path,
+    run,
+)
 from tests.sshd_fixture import keygen
-
 
 # --- Remote.parse: no server needed --------------------------------------------------------------
 

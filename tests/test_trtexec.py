@@ -14,8 +14,15 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.device import trt_api, trtexec
-from pipeline.device.trtexec import (EngineCache, EngineMismatchError, Stats, TrtVersion, build_command,
-                                     engine_key, parse_log)
+from pipeline.device.trtexec import (
+    EngineCache,
+    EngineMismatchError,
+    Stats,
+    TrtVersion,
+    build_command,
+    engine_key,
+    parse_log,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

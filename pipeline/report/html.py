@@ -12,7 +12,7 @@ import io
 import math
 from typing import Any
 
-from pipeline.report import distill_facts, fmt, how
+from pipeline.report.build import distill_facts, fmt, how
 
 HOW = {"target": "measured on target", "host": "measured on host", "estimate": "estimated with formula",
        "skipped": "skipped"}

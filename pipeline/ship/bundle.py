@@ -25,12 +25,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from . import reportschema, sshlink
-from .artifacts import files
-from .config import ConfigError, DataConfig, Profile, load_profile
-from .device import manifest as mf
-from .gate import UNUSABLE, gate
-from .remote import copy_payload
+from pipeline.artifacts import files
+from pipeline.config import DataConfig, Profile, load_profile
+from pipeline.device import manifest as mf
+from pipeline.errors import ConfigError
+from pipeline.report import schema as reportschema
+from pipeline.report.gate import UNUSABLE, gate
+from pipeline.ship import ssh as sshlink
+from pipeline.ship.kit import copy_payload
 
 TEST_BATCH = 64  # images in data/test_batch.npz: enough for an agreement check, small enough to copy anywhere
 VARIANTS = ("fp16", "int8")
@@ -121,8 +123,8 @@ def _stage(stage: Path, run_dir: Path, report: dict, prof: Profile, verdict, nam
 
 
 def _test_batch(path: Path, run_dir: Path, recipe: dict, splits: dict, artifact: str) -> None:
-    from .data import load_splits
-    from .device.measure import predictions
+    from pipeline.device.measure import predictions
+    from pipeline.train.data import load_splits
     data = load_splits(DataConfig.model_validate(recipe["data"]), recipe["seed"])
     want, have = splits.get("preprocessing", {}), data.preprocessing
     if any(abs(a - b) > 1e-6 for k in ("mean", "std") for a, b in zip(want.get(k, []), have.get(k, []))) \

@@ -9,7 +9,7 @@ A miss outranks a missing measurement: 1 wins over 2, because what was measured 
 
 Budgets that are null in the profile are "not set": they are listed (and written to JUnit as skipped test
 cases) but never count as passed, so a profile that forgot a budget cannot look stricter than it is.
-Latency compares p95 plus the noise margin (pipeline.report.noise_margin_ms, q="p95") with the budget, so a
+Latency compares p95 plus the noise margin (pipeline.report.build.noise_margin_ms, q="p95") with the budget, so a
 noisy runner cannot pass a budget it only ties; the margin is printed with the figure.
 """
 from __future__ import annotations
@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
-from . import reportschema
-from .config import ConfigError, Profile, load_profile
-from .report import measured_rows, noise_margin_ms
+from pipeline.config import Profile, load_profile
+from pipeline.errors import ConfigError
+from pipeline.report import schema as reportschema
+from pipeline.report.build import measured_rows, noise_margin_ms
 
 BUDGETS = ("p95_latency_ms", "min_accuracy", "max_accuracy_drop", "max_size_mb", "max_energy_mj")
 MET, MISSED, NO_MEASUREMENT, UNUSABLE = 0, 1, 2, 3
@@ -241,6 +242,6 @@ def _teacher_accuracy(rows: list[dict], like: dict) -> float | None:
 
 
 def write_junit(verdict: Verdict, path: Path) -> None:
-    from .artifacts import atomic_write_text
+    from pipeline.artifacts import atomic_write_text
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(path), verdict.junit())

@@ -78,7 +78,7 @@ def build(run_dir: Path) -> dict:
 
 
 def _versions() -> dict:
-    from .device.envinfo import versions
+    from pipeline.device.envinfo import versions
     return versions("torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "torch-pruning", "numpy")
 
 

@@ -1,6 +1,6 @@
 """Render report.html to a PNG with headless Chromium, so a broken page is seen, not assumed fine.
 
-    python -m pipeline.render runs/latest/report.html runs/latest/report.png     (make render)
+    python -m pipeline.report.render runs/latest/report.html runs/latest/report.png     (make render)
 
 Exit codes: 0 written; 1 Chromium ran but wrote no PNG; 2 bad input or no Chromium (the message says how
 to install it). Chromium runs with a throwaway profile and every background fetch off, so rendering needs
@@ -56,7 +56,7 @@ def render(html_path: Path, png_path: Path, width: int = 1400, height: int = 200
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.render", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.report.render", description=__doc__.splitlines()[0])
     ap.add_argument("html", type=Path, help="the report.html to render")
     ap.add_argument("png", type=Path, help="where to write the screenshot")
     ap.add_argument("--width", type=int, default=1400)

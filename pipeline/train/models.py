@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelSpec
+from pipeline.config import ModelSpec
+from pipeline.errors import ConfigError
 
 
 class SmallCNN(nn.Module):
@@ -219,11 +220,11 @@ class OnnxModule(nn.Module):
 
     def __init__(self, path: Path):
         super().__init__()
-        from .device.ortbench import CPU, open_session
+        from pipeline.device.ortbench import CPU, open_session
         self.path = Path(path)
         self.sess = open_session(self.path, CPU, threads=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .device.ortbench import feed
+        from pipeline.device.ortbench import feed
         return torch.from_numpy(self.sess.run(None, feed(self.sess, x.detach().cpu().numpy()))[0]).float()
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import html, reportschema
-from .artifacts import atomic_write_text
-from .report import render_md
+from pipeline.artifacts import atomic_write_text
+from pipeline.report import html
+from pipeline.report import schema as reportschema
+from pipeline.report.build import render_md
 
 
 def rerender(run_dir: Path) -> list[Path]:

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import sshlink
-from .artifacts import files
-from .config import DeviceSpec
-from .context import Context, StageError
-from .data import Splits
-from .device.manifest import checksums
-from .device.measure import BenchSettings, ModelEntry
+from pipeline.artifacts import files
+from pipeline.config import DeviceSpec
+from pipeline.context import Context
+from pipeline.device.manifest import checksums
+from pipeline.device.measure import BenchSettings, ModelEntry
+from pipeline.errors import StageError
+from pipeline.ship import ssh as sshlink
+from pipeline.train.data import Splits
 
-DEVICE_DIR = Path(__file__).resolve().parent / "device"
+DEVICE_DIR = Path(__file__).resolve().parent.parent / "device"
 
 
 def resolve(device: str | DeviceSpec) -> sshlink.Remote:
@@ -101,6 +102,6 @@ def remote_rows(device: str | DeviceSpec, models: list[ModelEntry], data: Splits
 
 def _providers(ctx: Context) -> list[str]:
     """The profile's providers, plus the device's CPU as a labelled reference."""
-    from .device.ortbench import CPU
+    from pipeline.device.ortbench import CPU
     asked = list(ctx.profile.target.providers)
     return asked if CPU in asked else asked + [CPU]

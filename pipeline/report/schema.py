@@ -1,4 +1,4 @@
-"""report.json against its JSON Schema (pipeline/schema/report.schema.json, draft 2020-12).
+"""report.json against its JSON Schema (pipeline/report/report.schema.json, draft 2020-12).
 
 The schema is the contract between the report stage and what reads a report later: rerender, gate, ship.
 A report of another schema_version is refused first, with its own message, because "2 is not 1" deep in a
@@ -10,10 +10,10 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from .config import ConfigError
-from .report import SCHEMA_VERSION
+from pipeline.errors import ConfigError
+from pipeline.report.build import SCHEMA_VERSION
 
-SCHEMA_PATH = Path(__file__).resolve().parent / "schema" / "report.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parent / "report.schema.json"
 MAX_LISTED = 8  # errors listed in a message; the rest are counted
 
 
@@ -43,7 +43,7 @@ def validate(report: dict) -> None:
     found = errors(report)
     if found:
         more = f"\n  ... and {len(found) - MAX_LISTED} more" if len(found) > MAX_LISTED else ""
-        raise ConfigError("report.json does not follow pipeline/schema/report.schema.json:\n  "
+        raise ConfigError("report.json does not follow pipeline/report/report.schema.json:\n  "
                           + "\n  ".join(found[:MAX_LISTED]) + more)
 
 

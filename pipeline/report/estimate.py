@@ -6,7 +6,7 @@ launch, low utilisation at batch 1), so the figure is shown as a bound, with its
 """
 from __future__ import annotations
 
-from .config import Hardware
+from pipeline.config import Hardware
 
 
 def roofline(macs: int, file_bytes: int, io_bytes: int, precision: str, hw: Hardware) -> tuple[float, str]:

@@ -17,9 +17,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import RECIPES_DIR, ConfigError, load_profile, load_recipe
-from .context import StageError
-from .report import best_row, noise_margin_ms
+from pipeline.config import RECIPES_DIR, load_profile, load_recipe
+from pipeline.errors import ConfigError, StageError
+from pipeline.report.build import best_row, noise_margin_ms
 
 BENCH_RECIPE = RECIPES_DIR / "digits-64.yaml"
 # issue 3, "Targets on this machine"
@@ -39,7 +39,7 @@ def main(profile: Annotated[str, typer.Option(help="a name from profiles/ or a Y
     """Run the bench recipe, print the target ratios, write them as JSON."""
     load_before, t0, ran = os.getloadavg(), time.perf_counter(), run is None
     if run is None:
-        from .runner import run_pipeline
+        from pipeline.runner import run_pipeline
         try:
             prof = load_profile(profile)
             run = run_pipeline(load_recipe(recipe, prof), prof, recipe_path=recipe, runs_dir=runs_dir,

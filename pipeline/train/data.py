@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, DataConfig
+from pipeline.config import DataConfig
+from pipeline.errors import ConfigError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -145,7 +146,7 @@ def load_splits(cfg: DataConfig, seed: int, run_dir: Path | None = None) -> Spli
            "mean_std_from": "recipe" if cfg.mean and cfg.std else "train split"}
     if run_dir is not None and not (run_dir / "splits.json").exists():
         # atomic: under torchrun every rank gets here; file lists are relative to data.root
-        from .artifacts import atomic_write_text
+        from pipeline.artifacts import atomic_write_text
         atomic_write_text(run_dir / "splits.json", json.dumps(
             {"seed": seed, "root": str(cfg.root) if cfg.root else None, "classes": classes, "preprocessing": pre,
              **{k: ids for k, (_, _, ids) in parts.items()}}, indent=1))

@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from .context import StageError
+from pipeline.errors import StageError
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

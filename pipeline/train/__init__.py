@@ -1,0 +1,1 @@
+"""The training library the stages use: data, models, KD losses, augmentation and the training loop."""
