@@ -201,6 +201,10 @@ def load_recipe(path: Path, profile: Profile | None = None) -> RecipeBase:
     except ValidationError as e:
         raise _explain(path, e) from None
     _check_paths(path, recipe)
+    if recipe.models.extra_teachers and recipe.distill.method != "ensemble":  # else trained for nothing
+        raise ConfigError(f"{path}: models.extra_teachers: only distill.method 'ensemble' uses extra teachers, "
+                          f"and the method is '{recipe.distill.method}'. Set distill.method: ensemble, or remove "
+                          f"models.extra_teachers.")
     return recipe
 
 

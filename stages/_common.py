@@ -6,9 +6,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline.artifacts import Artifact
+from pipeline.artifacts import Artifact, Artifacts
 from pipeline.config import ModelSpec
 from pipeline.context import Context
+from pipeline.errors import StageError
 from pipeline.train import models
 from pipeline.train.augment import augmenter
 from pipeline.train.data import Splits
@@ -42,3 +43,28 @@ def train_augment(ctx: Context) -> Callable[[torch.Tensor], torch.Tensor] | None
     pre = ctx.data().preprocessing
     fill = [-m / s for m, s in zip(pre["mean"], pre["std"])] if pre.get("mean") else None
     return augmenter(ctx.recipe.data.augment, fill=fill)
+
+
+def load_teachers(inputs: Artifacts, ctx: Context, ensemble: bool = False) -> list[nn.Module]:
+    """The frozen teacher, then (ensemble only) the extra teachers the teacher stage saved as teacher-<i>.*."""
+    names = ["teacher"] + ([f"teacher-{i}" for i in range(1, len(ctx.recipe.models.extra_teachers) + 1)]
+                           if ensemble else [])
+    if ensemble and len(names) == 1:
+        raise StageError("distill: method 'ensemble' needs more than one teacher: list them under "
+                         "models.extra_teachers in the recipe (the teacher stage trains them).")
+    out = []
+    for name in names:
+        if f"{name}.onnx" in inputs and inputs[f"{name}.onnx"].meta.get("given"):
+            out.append(models.OnnxModule(ctx.path(f"{name}.onnx")))
+            continue
+        if f"{name}.pt" not in inputs:
+            raise StageError(f"distill: no {name}.pt from the teacher stage; rerun it (without --resume).")
+        out.append(freeze(models.load(ctx.path(f"{name}.pt"), inputs[f"{name}.pt"].meta)))
+    return out
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """A teacher: no gradients, eval mode (BatchNorm uses its running statistics)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 
 from pydantic import BaseModel, Field
 
@@ -86,7 +87,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
         notes.append("no energy meter on this host: " + "; ".join(meter_reasons))
     # 6) write
     out = {"where_host": where, "meter": getattr(meter, "name", None), "notes": notes, "rows": rows,
-           "settings": cfg.model_dump(), "profile": profile.name}
+           "settings": cfg.model_dump(), "timing": asdict(timing), "profile": profile.name}
     atomic_write_text(ctx.path("benchmark.json"), json.dumps(out, indent=2, default=float))
     ctx.results["benchmark"] = {"rows": len(rows), "notes": notes}
     return {"benchmark.json": Artifact(name="benchmark.json", kind="json", stage="benchmark")}

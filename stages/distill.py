@@ -20,7 +20,7 @@ from pipeline.context import Context
 from pipeline.errors import StageError
 from pipeline.train import kd, models
 from pipeline.train.loop import LossFn, TrainConfig, accuracy, device_of, fit, seed_everything, train_device
-from stages._common import build_info, model_artifact, train_augment
+from stages._common import build_info, freeze, load_teachers, model_artifact, train_augment
 
 Method = Literal["hinton", "feature", "dynamic", "adversarial", "self", "ensemble"]
 TeacherFn = Callable[[torch.Tensor], torch.Tensor]
@@ -99,29 +99,6 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
                                          predecessor="teacher.pt"),
             "student-scratch.pt": model_artifact(ctx, scratch, "student-scratch.pt", "student-scratch", spec,
                                                  test_acc=acc_sc, predecessor="teacher.pt")}
-
-
-def load_teachers(inputs: Artifacts, ctx: Context, ensemble: bool = False) -> list[nn.Module]:
-    """The frozen teacher, then (ensemble only) the extra teachers the teacher stage saved as teacher-<i>.*."""
-    names = ["teacher"] + ([f"teacher-{i}" for i in range(1, len(ctx.recipe.models.extra_teachers) + 1)]
-                           if ensemble else [])
-    if ensemble and len(names) == 1:
-        raise StageError("distill: method 'ensemble' needs more than one teacher: list them under "
-                         "models.extra_teachers in the recipe (the teacher stage trains them).")
-    out = []
-    for name in names:
-        if f"{name}.onnx" in inputs and inputs[f"{name}.onnx"].meta.get("given"):
-            out.append(models.OnnxModule(ctx.path(f"{name}.onnx")))
-            continue
-        if f"{name}.pt" not in inputs:
-            raise StageError(f"distill: no {name}.pt from the teacher stage; rerun it (without --resume).")
-        out.append(_freeze(models.load(ctx.path(f"{name}.pt"), inputs[f"{name}.pt"].meta)))
-    return out
-
-
-def load_teacher(inputs: Artifacts, ctx: Context) -> nn.Module:
-    """The recipe's teacher, frozen (PyTorch in eval mode, or ONNX through onnxruntime)."""
-    return load_teachers(inputs, ctx)[0]
 
 
 def ensemble_fn(teachers: list[nn.Module], T: float) -> TeacherFn:
@@ -270,15 +247,9 @@ def _acc_fn(teacher_fn: TeacherFn, data) -> float:
     return float((_logits(teacher_fn, data.x_test).argmax(1).numpy() == data.y_test).mean())
 
 
-def _freeze(model: nn.Module) -> nn.Module:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
-
-
 def _frozen(student: nn.Module) -> TeacherFn:
     """A trained generation as the next one's teacher (self-distillation)."""
-    teacher = _freeze(copy.deepcopy(student)).to(train_device())
+    teacher = freeze(copy.deepcopy(student)).to(train_device())
     return torch.no_grad()(lambda x: teacher(x))
 
 

@@ -16,8 +16,7 @@ from pipeline.context import Context
 from pipeline.errors import StageError
 from pipeline.train import kd, models
 from pipeline.train.loop import TrainConfig, accuracy, device_of, fit, predict, seed_everything
-from stages._common import model_artifact, train_augment
-from stages.distill import load_teacher
+from stages._common import load_teachers, model_artifact, train_augment
 
 
 class Config(TrainConfig):
@@ -51,7 +50,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
                          "false.")
     data, seed = ctx.data(), ctx.recipe.seed
     model = models.load(ctx.path("student.pt"), inputs["student.pt"].meta)
-    teacher = load_teacher(inputs, ctx)
+    teacher = load_teachers(inputs, ctx)[0]
     params0, macs0 = models.count(model, data.input_shape)
     acc0 = accuracy(model, data.x_test, data.y_test)
     # 2) prune: Torch-Pruning's dependency graph keeps coupled layers (residual adds, BN) consistent

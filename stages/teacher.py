@@ -28,9 +28,6 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     """Train (or load) the teacher and any extra teachers; report validation and test accuracy; save them."""
     specs = [("teacher", ctx.recipe.models.teacher)] + [
         (f"teacher-{i}", s) for i, s in enumerate(ctx.recipe.models.extra_teachers, 1)]
-    if len(specs) > 1 and ctx.recipe.distill.method != "ensemble":
-        ctx.log(f"  note: models.extra_teachers are trained, but distill.method is "
-                f"'{ctx.recipe.distill.method}': only method 'ensemble' uses them")
     out: Artifacts = {}
     for i, (name, spec) in enumerate(specs):
         role = "teacher" if i == 0 else "extra-teacher"  # extras are KD inputs only: not exported, not shipped

@@ -28,6 +28,7 @@ from typing import Callable
 from pipeline.artifacts import files
 from pipeline.config import DataConfig, Profile, load_profile
 from pipeline.device import manifest as mf
+from pipeline.device.measure import BenchSettings
 from pipeline.errors import ConfigError
 from pipeline.report import schema as reportschema
 from pipeline.report.gate import UNUSABLE, gate
@@ -118,7 +119,7 @@ def _stage(stage: Path, run_dir: Path, report: dict, prof: Profile, verdict, nam
     _test_batch(stage / "data" / "test_batch.npz", run_dir, recipe, splits, names[0])
     models = [_model_info(run_dir, n, report) for n in names]
     (stage / "README-device.md").write_text(_readme(stage.name, report, prof, models, splits))
-    manifest = _manifest(stage, report, prof, verdict, recipe, splits, models)
+    manifest = _manifest(stage, run_dir, report, prof, verdict, splits, models)
     (stage / mf.MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
 
 
@@ -167,11 +168,15 @@ def _model_info(run_dir: Path, name: str, report: dict) -> dict:
             "meta": {k: row.get(k) for k in ("role", "stage", "size_bytes", "params", "macs")}}
 
 
-def _manifest(stage: Path, report: dict, prof: Profile, verdict, recipe: dict, splits: dict,
+def _manifest(stage: Path, run_dir: Path, report: dict, prof: Profile, verdict, splits: dict,
               models: list[dict]) -> dict:
-    from stages import benchmark  # the run's own benchmark settings, as the stage built them
     t = prof.target
-    settings = benchmark.settings(benchmark.Config.model_validate(recipe.get("benchmark", {})), t)
+    # the run's own timing settings, as its benchmark stage used them, with this profile's threads and batches
+    timing = json.loads((run_dir / "benchmark.json").read_text()).get("timing")
+    if timing is None:
+        raise ConfigError(f"{run_dir / 'benchmark.json'}: no 'timing' settings (written by an older version). "
+                          f"Rerun the benchmark stage: pipeline run --resume.")
+    settings = BenchSettings(**{**timing, "threads": list(t.threads), "batch_sizes": list(t.batch_sizes)})
     shipped = {m["name"] for m in models}
     versions = report["environment"].get("versions", {})
     return {
