@@ -15,3 +15,9 @@ class ConfigError(Exception):
 
 class StageError(Exception):
     """A stage could not do its work; the message names the stage setting and the fix. Earlier artifacts stay."""
+
+
+def first_line(e: BaseException) -> str:
+    """'Type: first non-empty line of the message', or the type alone when the message is empty."""
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__

@@ -12,6 +12,7 @@ import io
 import math
 from typing import Any
 
+from pipeline.errors import first_line
 from pipeline.report.build import distill_facts, fmt, how
 
 HOW = {"target": "measured on target", "host": "measured on host", "estimate": "estimated with formula",
@@ -159,7 +160,7 @@ def _plots(report: dict) -> str:
     try:
         pareto, sizes = pareto_svg(report), size_svg(report)
     except Exception as e:  # a broken plot must not cost the table: say so on the page
-        return f"<h2>Plots</h2><p class=bad>plots failed: {esc(type(e).__name__)}: {esc(e)}</p>"
+        return f"<h2>Plots</h2><p class=bad>plots failed: {esc(first_line(e))}</p>"
     out = ["<h2>Latency vs accuracy</h2>",
            f"<figure>{pareto}<figcaption>p95 latency at batch 1 (estimated points: the roofline lower bound) "
            "against test accuracy; marker area ∝ file size; dashed lines are the profile's budgets; the "
