@@ -146,6 +146,6 @@ def _estimate_row(m: ModelEntry, ctx: Context) -> dict:
     return {**base_row(m, ctx.profile.target.providers[0], {"kind": "estimate", "target": ctx.profile.target.name}),
             "status": "estimated", "on_target": False, "batch": 1, "latency_ms": {"lower_bound": ms},
             "latency_source": formula,
-            "energy_mj": mj, "energy_source": eformula, "accuracy": None,
+            "energy_mj": mj, "energy_how": "estimated", "energy_source": eformula, "accuracy": None,
             "accuracy_source": "see the measured rows of this artifact: accuracy does not depend on the device "
                                "for FP32, but was not measured on the target"}

@@ -21,7 +21,7 @@ cli = CliRunner()
 # ---------------------------------------------------------------- crafted reports
 def row(artifact: str, role: str, *, p95: float | None = 0.5, acc: float | None = 0.95, on_target: bool = True,
         status: str = "measured", size: int = 20_000, energy: float | None = None, energy_source: str = "",
-        lower_bound: float | None = None, provider: str = "CPUExecutionProvider") -> dict:
+        energy_how: str = "measured", lower_bound: float | None = None, provider: str = "CPUExecutionProvider") -> dict:
     """One benchmark row in the shape stages/benchmark.py writes."""
     where = {"kind": "estimate", "target": "T"} if status == "estimated" else {"kind": "host", "hostname": "ci"}
     r = {"artifact": artifact, "role": role, "stage": "export", "format": "onnx", "precision": "fp32",
@@ -39,7 +39,7 @@ def row(artifact: str, role: str, *, p95: float | None = 0.5, acc: float | None 
     else:
         r["reason"] = "provider missing"
     if energy is not None:
-        r.update(energy_mj=energy, energy_source=energy_source or "measured: rapl, 100 inferences")
+        r.update(energy_mj=energy, energy_how=energy_how, energy_source=energy_source or "measured: rapl, 100 inferences")
     return r
 
 
@@ -145,7 +145,8 @@ def test_a_miss_outranks_a_missing_measurement(tmp_path):
 
 def test_estimated_energy_needs_allow_estimates(tmp_path):
     est = "estimated: 15 W x 0.5 ms = 7.5 mJ"
-    rows = [row("t.onnx", "teacher", acc=0.97), row("s.onnx", "student", energy=0.5, energy_source=est)]
+    rows = [row("t.onnx", "teacher", acc=0.97), row("s.onnx", "student", energy=0.5, energy_source=est,
+                                                    energy_how="estimated")]
     run = write(tmp_path, crafted_report(rows=rows))
     path = profile_file(tmp_path, max_energy_mj=1.0)
     assert gate(run, load_profile(str(path))).code == 2
@@ -253,3 +254,15 @@ def test_real_run_of_another_schema_version_exit_3(real_run, tmp_path):
     (run / "report.json").write_text(json.dumps({**copy.deepcopy(report), "schema_version": 99}))
     res = cli.invoke(app, ["gate", str(run), "--profile", "edge-cpu"])
     assert res.exit_code == 3 and "schema_version 99" in res.stdout
+
+
+def test_energy_provenance_is_the_energy_how_field_not_the_text(tmp_path):
+    """A source sentence that reads 'measured' does not make an estimate count: energy_how decides."""
+    rows = [row("t.onnx", "teacher", acc=0.97),
+            row("s.onnx", "student", energy=0.5, energy_source="measured-looking text", energy_how="estimated")]
+    run = write(tmp_path, crafted_report(rows=rows))
+    path = profile_file(tmp_path, max_energy_mj=1.0)
+    assert gate(run, load_profile(str(path))).code == 2
+    rows[1].update(energy_how="measured", energy_source="estimated-looking text")
+    run = write(tmp_path, crafted_report(rows=rows))
+    assert gate(run, load_profile(str(path))).code == 0

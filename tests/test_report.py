@@ -44,6 +44,12 @@ BREAKS = {
     "skipped row without reason": lambda r: r["rows"].append({**row("x.onnx", "student", status="skipped"),
                                                               "reason": None}),
     "energy without its source": lambda r: _measured(r).update(energy_mj=0.3),
+    "energy without how it was obtained": lambda r: _measured(r).update(energy_mj=0.3, energy_source="measured: x"),
+    "a skipped energy with a figure": lambda r: _measured(r).update(energy_mj=0.3, energy_source="skipped: x",
+                                                                    energy_how="skipped"),
+    "a measured energy on an estimated row": lambda r: r["rows"].append(
+        {**row("s.onnx", "student", status="estimated", lower_bound=0.1), "energy_mj": 0.1,
+         "energy_source": "measured: x", "energy_how": "measured"}),
     "status outside the enum": lambda r: _measured(r).update(status="guessed"),
     "estimate claiming on_target": lambda r: r["rows"].append(
         {**row("s.onnx", "student", status="estimated", lower_bound=0.1), "on_target": True}),
@@ -166,3 +172,13 @@ def test_flags_judge_compression_steps_by_the_allowance_and_students_by_speed_on
     report = crafted_report(rows=rows, min_accuracy=0.5, max_accuracy_drop=0.2)
     report["flags"] = report_flags(report)
     assert report_recommend(report)["artifact"] == "s.onnx"  # still the smaller model; p.onnx is flagged
+
+
+def test_table_and_page_label_energy_by_its_energy_how_field():
+    rows = [row("t.onnx", "teacher", acc=0.97, energy=0.7, energy_source="measured: rapl"),
+            row("s.onnx", "student", energy=0.5, energy_source="measured-looking text", energy_how="estimated")]
+    report = crafted_report(rows=rows)
+    md = render_md(report)
+    assert "| 0.7000 |" in md and "| 0.5000e |" in md
+    page = html.render(report)
+    assert page.count("<small>estimated</small>") == 1

@@ -93,6 +93,7 @@ def measure(entries: list[ModelEntry], providers: list[str], s: BenchSettings, x
         out = logits(best.sess, x)
         pred = out.argmax(1)
         row["accuracy"] = float((pred == y).mean())
+        row["accuracy_n"] = len(y)  # images behind the figure: one of them is 1/n of accuracy
         row["accuracy_source"] = f"measured: this artifact through onnxruntime {prov} on the test split (n={len(y)})"
         row["agreement"] = {k: float((pred == v).mean()) for k, v in ref_preds.items() if k != name}
         row["throughput"] = {str(b): throughput(best.sess, x, b, s.throughput_duration_s) for b in s.batch_sizes}
@@ -104,13 +105,14 @@ def measure(entries: list[ModelEntry], providers: list[str], s: BenchSettings, x
 def _energy(t: Timed, meter, no_meter_energy, p50_ms: float, s: BenchSettings) -> dict:
     if meter is not None:
         r = energy_mod.measure_energy(lambda: t.sess.run(None, t.inputs), meter, s.energy_window_s)
-        return {"energy_mj": r["mj_per_call"],
+        return {"energy_mj": r["mj_per_call"], "energy_how": "measured",
                 "energy_source": f"measured: {r['meter']}, {r['calls']} inferences over {r['seconds']:.2f} s "
                                  f"(whole-package energy, not the model alone)"}
     if no_meter_energy is None:
-        return {"energy_mj": None, "energy_source": "skipped: no energy meter and no power figure"}
-    mj, source = no_meter_energy(p50_ms)
-    return {"energy_mj": mj, "energy_source": source}
+        return {"energy_mj": None, "energy_how": "skipped",
+                "energy_source": "skipped: no energy meter and no power figure"}
+    mj, source = no_meter_energy(p50_ms)  # without a meter a figure is a formula, never a measurement
+    return {"energy_mj": mj, "energy_how": "skipped" if mj is None else "estimated", "energy_source": source}
 
 
 def meter_kinds(where: dict) -> tuple[str, ...]:

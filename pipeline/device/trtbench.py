@@ -97,5 +97,6 @@ def rows(models: list, where: dict, input_name: str, input_shape: list[int], cac
                                        "onnxruntime rows",
                     "latency_source": f"measured: trtexec {fig['trt_version']} on {fig['gpu']}, host latency "
                                       f"(H2D + compute + D2H), percentiles as printed",
-                    "energy_mj": None, "energy_source": "skipped: energy is measured on onnxruntime rows"})
+                    "energy_mj": None, "energy_how": "skipped",
+                    "energy_source": "skipped: energy is measured on onnxruntime rows"})
     return out

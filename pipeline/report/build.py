@@ -207,8 +207,8 @@ def table_rows(report: dict) -> list[list[str]]:
         else:
             p50, p95 = f"{lat['p50']:.4f}{tag}", f"{lat['p95']:.4f}{tag}"
             thr = f"{r['throughput'].get('1', 0):.0f}{tag}"
-            src = r.get("energy_source", "")
-            energy = "—" if r.get("energy_mj") is None else f"{r['energy_mj']:.4f}{'e' if src.startswith('estimated') else tag}"
+            etag = "e" if r.get("energy_how") == "estimated" else tag
+            energy = "—" if r.get("energy_mj") is None else f"{r['energy_mj']:.4f}{etag}"
         size = r.get("size_bytes")
         out.append([r["artifact"], r["precision"], f"{r['backend']}/{r['provider'].replace('ExecutionProvider', '')}",
                     f"{r['where']['kind']}:{where}", "—" if size is None else f"{size / 1024:.1f}",

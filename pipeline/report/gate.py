@@ -201,7 +201,7 @@ def _latency(limit: float, on_target: list[dict], estimates: list[dict], allow_e
 
 def _energy(limit: float, on_target: list[dict], allow_estimates: bool) -> Case:
     found = [r for r in on_target if r.get("energy_mj") is not None]
-    measured = [r for r in found if str(r.get("energy_source", "")).startswith("measured")]
+    measured = [r for r in found if r.get("energy_how") == "measured"]
     use = measured or (found if allow_estimates else [])
     if not use:
         why = "only an estimate (power x latency): --allow-estimates judges on it" if found else "no energy figure"

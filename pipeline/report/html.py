@@ -127,8 +127,8 @@ def _cells(r: dict, kind: str, note: int | None) -> list[tuple[str, str | None]]
     thr = "<br>".join(esc(f"b{b}: {_si(v)}") for b, v in (r.get("throughput") or {}).items()) or "—"
     esrc = r.get("energy_source") or ""
     energy = esc(_num(r.get("energy_mj")))
-    if r.get("energy_mj") is not None and not esrc.startswith("measured"):
-        energy += f"<br><small>{esc(esrc.split(':')[0])}</small>"
+    if r.get("energy_mj") is not None and r.get("energy_how") != "measured":
+        energy += f"<br><small>{esc(r.get('energy_how'))}</small>"
     obtained = f"<span class='badge {kind}'>{esc(HOW[kind])}{f' [{note}]' if note else ''}</span>"
     lsrc = r.get("latency_source")
     return [(esc(r.get("stage") or "—"), None), (f"<code>{esc(r['artifact'])}</code>", None),
