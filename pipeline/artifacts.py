@@ -9,16 +9,39 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel
 
 from pipeline.device.hashing import sha256_file  # one definition, stdlib only, shared with the device side
 
+# What a model is for, written into its meta and every benchmark row. Quantize names its outputs
+# f"{source role}-{precision}", so each FP32 role has its quantized variants (extra teachers are never exported).
+Role = Literal["teacher", "extra-teacher", "student", "student-scratch", "student-pruned",
+               "teacher-int8", "teacher-fp16", "student-int8", "student-fp16",
+               "student-scratch-int8", "student-scratch-fp16", "student-pruned-int8", "student-pruned-fp16"]
+ROLES: tuple[str, ...] = get_args(Role)
+# references a run compares against: the model being compressed, its KD aids, and the no-teacher control
+REFERENCES = frozenset({"teacher", "extra-teacher", "student-scratch"})
+# trained from the teacher rather than compressed from a predecessor: the per-stage allowance does not apply
+TRAINED = frozenset({"student", "student-scratch"})
+
+
+def is_candidate(role: str | None) -> bool:
+    """May this artifact be recommended and shipped? Every known role but the references (a quantized teacher is
+    a compressed model, and a candidate)."""
+    return role in ROLES and role not in REFERENCES
+
+
+def is_trained(role: str | None) -> bool:
+    """Was it distilled or trained from the teacher (judged by the profile's budgets), not compressed from a model
+    of this run (judged also by the recipe's per-stage allowance)?"""
+    return role in TRAINED
+
 
 class Artifact(BaseModel, extra="forbid"):
     name: str                      # role and file name, e.g. "student.int8.onnx"
-    kind: Literal["torch", "onnx", "json"]
+    kind: Literal["torch", "onnx", "json", "markdown", "html"]
     stage: str                     # the stage that wrote it
     meta: dict[str, Any] = {}      # params, macs, precision, source artifact, accuracy ...
     sha256: str = ""

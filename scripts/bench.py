@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.artifacts import is_candidate
 from pipeline.config import RECIPES_DIR, load_profile, load_recipe
 from pipeline.errors import ConfigError, StageError
 from pipeline.report.build import best_row, noise_margin_ms
@@ -94,7 +95,7 @@ def score(run_dir: Path) -> dict[str, Any]:
                          "none", "report.json: no artifact meets the profile's budgets; flags: " +
                          ", ".join(f"{f['artifact']} {f['kind']}" for f in report["flags"])))
         # still show how far the fastest student artifact got, labelled as not recommended
-        cands = [a for a, r in lat.items() if r and r.get("role") not in ("teacher", "student-scratch")]
+        cands = [a for a, r in lat.items() if r and is_candidate(r.get("role"))]
         if cands:
             best = min(cands, key=lambda a: lat[a]["latency_ms"]["p50"])
             figs += _pair(lat, best, "teacher.onnx", "fastest student (not recommended) vs teacher", None, size=True)

@@ -21,10 +21,11 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     report = rep.build(ctx.run_dir)
     atomic_write_text(ctx.path("report.json"), json.dumps(report, indent=2, default=float))
     atomic_write_text(ctx.path("report.md"), rep.render_md(report))
-    out = {n: Artifact(name=n, kind="json", stage="report") for n in ("report.json", "report.md")}
+    out = {"report.json": Artifact(name="report.json", kind="json", stage="report"),
+           "report.md": Artifact(name="report.md", kind="markdown", stage="report")}
     if cfg.html:
         from pipeline.report import html
         atomic_write_text(ctx.path("report.html"), html.render(report))
-        out["report.html"] = Artifact(name="report.html", kind="json", stage="report")
+        out["report.html"] = Artifact(name="report.html", kind="html", stage="report")
     ctx.results["report"] = {"recommended": report["recommended"]}
     return out

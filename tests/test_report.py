@@ -182,3 +182,9 @@ def test_table_and_page_label_energy_by_its_energy_how_field():
     assert "| 0.7000 |" in md and "| 0.5000e |" in md
     page = html.render(report)
     assert page.count("<small>estimated</small>") == 1
+
+
+def test_the_report_stage_records_each_file_with_its_kind(real_run):
+    outputs = json.loads((real_run / "run.json").read_text())["stages"]["report"]["outputs"]
+    assert {n: o["kind"] for n, o in outputs.items()} == {"report.json": "json", "report.md": "markdown",
+                                                          "report.html": "html"}

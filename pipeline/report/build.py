@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pipeline.artifacts import is_candidate, is_trained
+
 SCHEMA_VERSION = 1
 
 
@@ -82,9 +84,6 @@ def _versions() -> dict:
     return versions("torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "torch-pruning", "numpy")
 
 
-STUDENTS = ("student", "student-scratch")  # distilled (or trained) from the teacher, not compressed from it
-
-
 def flags(report: dict) -> list[dict]:
     """Stages that are not faster than their predecessor beyond noise, or lose more accuracy than allowed."""
     out = []
@@ -104,7 +103,7 @@ def flags(report: dict) -> list[dict]:
                                   f"(noise margin {margin:.4f} ms): not faster than its predecessor"})
         # the per-stage allowance is for compression steps (prune, quantize); a student's loss against its
         # teacher is what the profile's max_accuracy_drop budget judges
-        if r.get("role") not in STUDENTS and r.get("accuracy") is not None and p.get("accuracy") is not None \
+        if not is_trained(r.get("role")) and r.get("accuracy") is not None and p.get("accuracy") is not None \
                 and p["accuracy"] - r["accuracy"] > report["allowance"]:
             out.append({"artifact": r["artifact"], "provider": r["provider"], "kind": "accuracy_drop",
                         "detail": f"accuracy {r['accuracy']:.4f} vs {pred} {p['accuracy']:.4f}: drop over the "
@@ -120,10 +119,10 @@ def recommend(report: dict) -> dict | None:
     # teacher stays a candidate (it is still the smaller model), its flag says what it did not buy
     roles = {r["artifact"]: r.get("role") for r in rows}
     slow = {f["artifact"] for f in report["flags"] if f["kind"] in ("not_faster", "accuracy_drop")
-            and roles.get(f["artifact"]) not in STUDENTS}
+            and not is_trained(roles.get(f["artifact"]))}
     best = None
     for art in sorted(roles):
-        if roles[art] in ("teacher", "student-scratch") or art in slow:
+        if not is_candidate(roles[art]) or art in slow:
             continue
         row = best_row(rows, art, True)
         basis = "target"

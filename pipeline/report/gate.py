@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
+from pipeline.artifacts import is_candidate
 from pipeline.config import Profile, load_profile
 from pipeline.errors import ConfigError
 from pipeline.report import schema as reportschema
@@ -141,7 +142,7 @@ def _same_target(report: dict, prof: Profile) -> None:
 
 def _best_student(rows: list[dict]) -> str | None:
     """Without a recommendation: the student artifact with the fastest on-target p95 (else the most accurate)."""
-    students = {r["artifact"] for r in rows if r.get("role") not in ("teacher", "student-scratch")}
+    students = {r["artifact"] for r in rows if is_candidate(r.get("role"))}
 
     def key(a: str) -> tuple:
         lat = [r["latency_ms"]["p95"] for r in measured_rows(rows, a, True) if r["latency_ms"].get("p95") is not None]
