@@ -62,26 +62,23 @@ def run(profile: Annotated[str, typer.Option(help="a name from profiles/ or a YA
 def _print_report(run_dir: Path) -> None:
     import json
 
-    from pipeline.report.build import HEADER, table_rows
+    from pipeline.report.build import cells, table_rows
     report = json.loads((run_dir / "report.json").read_text())
     keep = ["artifact", "prec", "backend/provider", "where", "KiB", "acc", "Δ teacher", "p50 ms", "p95 ms",
             "mJ/inf", "status"]
-    idx = [HEADER.index(k) for k in keep]
     table = Table(title=f"{report['recipe']['name']} on {report['profile']['name']}", show_lines=False)
     for h in keep:
         table.add_column(h, overflow="fold")
     reasons: list[str] = []
-    for row in table_rows(report):
-        cells = [row[i] for i in idx]
-        status, _, reason = cells[-1].partition(": ")
-        if reason:
-            if reason not in reasons:
-                reasons.append(reason)
-            status = f"{status} [{reasons.index(reason) + 1}]"
-        cells[-1] = status
-        cells[2] = cells[2].replace("onnxruntime/", "ort/").replace("tensorrt/", "")
-        cells[3] = cells[3].split(":")[0]  # host / device / estimate; the machines are named below
-        table.add_row(*cells)
+    for t in table_rows(report):
+        c = cells(t)
+        if t.reason:  # numbered here, spelled out below the table
+            if t.reason not in reasons:
+                reasons.append(t.reason)
+            c["status"] += f" [{reasons.index(t.reason) + 1}]"
+        c["backend/provider"] = ("ort/" if t.backend == "onnxruntime" else "") + t.provider
+        c["where"] = t.where_kind  # the machines are named below
+        table.add_row(*(c[h] for h in keep))
     console.print(table)
     console.print("suffix h = measured on this host (not the target), e = estimated, — = skipped or n/a")
     for i, reason in enumerate(reasons, 1):

@@ -118,8 +118,8 @@ def _fig(comparison: str, new: str, base: str, figure: str, value: float | None,
 
 
 def _n(rows: list[dict]) -> int:
-    src = next((r.get("accuracy_source", "") for r in rows if r.get("accuracy_source")), "")
-    return int(src.rsplit("n=", 1)[1].rstrip(")")) if "n=" in src else 0
+    """Test images behind the measured accuracies (0 for a report written before rows carried accuracy_n)."""
+    return next((r["accuracy_n"] for r in rows if r.get("accuracy_n")), 0)
 
 
 def _rowname(r: dict) -> str:

@@ -38,3 +38,11 @@ def test_speedups_are_also_given_per_thread_count_for_information(real_run):
         assert f["value"] == pytest.approx(base[t] / new[t])
     assert {f["figure"] for f in per if f["new"] == "student-pruned.onnx"} == {
         f"p50 speedup at {t} thread(s)" for t in rows["student-pruned.onnx"]["p50_by_threads"]}
+
+
+def test_the_test_set_size_is_the_rows_accuracy_n_field():
+    from scripts.bench import _n
+    rows = [{"accuracy_source": "see the measured rows"},
+            {"accuracy_n": 360, "accuracy_source": "measured: on the test split (n=999)"}]
+    assert _n(rows) == 360
+    assert _n([{"accuracy_source": "measured: on the test split (n=999)"}]) == 0  # never read back from text

@@ -188,3 +188,31 @@ def test_the_report_stage_records_each_file_with_its_kind(real_run):
     outputs = json.loads((real_run / "run.json").read_text())["stages"]["report"]["outputs"]
     assert {n: o["kind"] for n, o in outputs.items()} == {"report.json": "json", "report.md": "markdown",
                                                           "report.html": "html"}
+
+
+def _trtexec_row(p95=None):
+    """A measured trtexec row as trtbench writes it when TensorRT printed one percentile only."""
+    r = row("s.onnx", "student", p95=0.5)
+    r.update(backend="tensorrt", provider="trtexec", accuracy=None, accuracy_source="not measured: trtexec")
+    r["latency_ms"]["p95"] = p95
+    return r
+
+
+def test_tables_render_from_values_both_in_markdown_and_the_terminal(tmp_path, capsys):
+    from pipeline.cli import _print_report
+    why = "TensorRT: libnvinfer.so.10: cannot open shared object file"
+    rows = [row("t.onnx", "teacher", acc=0.97), _trtexec_row(),
+            {**row("s.onnx", "student", status="skipped"), "reason": why}]
+    report = crafted_report(rows=rows)
+    assert reportschema.errors(report) == []
+    md = render_md(report)
+    assert f"| skipped: {why} |" in md
+    trt = next(line for line in md.splitlines() if "tensorrt/trtexec" in line)
+    assert "| 0.4000 | — |" in trt  # p50 measured, p95 not printed by this trtexec
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps(report))
+    _print_report(run)
+    out = capsys.readouterr().out
+    assert "skipped [1]" in out and f"[1] {why}" in out
+    assert " trtexec " in out and "ort/CPU" in out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -188,34 +189,68 @@ def how(r: dict) -> str:
     return "target" if r.get("on_target") else "host"
 
 
-def _label(r: dict) -> str:
-    """The table's suffix for how(r): none on the target, `e` estimated, `h` this host (skipped rows show —)."""
-    return {"target": "", "estimate": "e"}.get(how(r), "h")
+@dataclass(frozen=True)
+class TableRow:
+    """One benchmark row as the tables show it: values and how each was obtained, nothing rendered yet."""
+    artifact: str
+    precision: str
+    backend: str                 # onnxruntime / tensorrt
+    provider: str                # without "ExecutionProvider"
+    where_kind: str              # host / device / estimate
+    where_name: str              # the machine (or the target an estimate is for)
+    size_bytes: int | None
+    params: int | None
+    macs: int | None
+    accuracy: float | None
+    delta_vs_teacher: float | None
+    p50_ms: float | None         # an estimate's lower bound
+    p95_ms: float | None
+    img_s_b1: float | None
+    energy_mj: float | None
+    how: str                     # how(r): target / host / estimate / skipped
+    energy_how: str | None       # measured / estimated / skipped, as the row says
+    status: str
+    reason: str | None
 
 
-def table_rows(report: dict) -> list[list[str]]:
+def table_rows(report: dict) -> list[TableRow]:
     out = []
     for r in report["rows"]:
-        lat, tag = r.get("latency_ms") or {}, _label(r)
-        where = r["where"].get("hostname") or r["where"].get("target", "")
-        if r["status"] == "skipped":
-            p50 = p95 = thr = energy = "—"
-        elif r["status"] == "estimated":
-            p50, p95, thr = f"≥{lat['lower_bound']:.4f}e", "—", "—"
-            energy = f"{fmt(r.get('energy_mj'), 4)}e"
-        else:
-            p50, p95 = f"{lat['p50']:.4f}{tag}", f"{lat['p95']:.4f}{tag}"
-            thr = f"{r['throughput'].get('1', 0):.0f}{tag}"
-            etag = "e" if r.get("energy_how") == "estimated" else tag
-            energy = "—" if r.get("energy_mj") is None else f"{r['energy_mj']:.4f}{etag}"
-        size = r.get("size_bytes")
-        out.append([r["artifact"], r["precision"], f"{r['backend']}/{r['provider'].replace('ExecutionProvider', '')}",
-                    f"{r['where']['kind']}:{where}", "—" if size is None else f"{size / 1024:.1f}",
-                    "—" if r.get("params") is None else f"{r['params']:,}",
-                    "—" if r.get("macs") is None else f"{r['macs']:,}",
-                    fmt(r.get("accuracy"), 4), fmt(r.get("delta_vs_teacher"), 4), p50, p95, thr, energy,
-                    r["status"] + (f": {r['reason']}" if r.get("reason") else "")])
+        lat, kind, where = r.get("latency_ms") or {}, how(r), r["where"]
+        measured = kind in ("target", "host")
+        out.append(TableRow(
+            artifact=r["artifact"], precision=r["precision"], backend=r["backend"],
+            provider=r["provider"].replace("ExecutionProvider", ""), where_kind=where["kind"],
+            where_name=where.get("hostname") or where.get("target", ""), size_bytes=r.get("size_bytes"),
+            params=r.get("params"), macs=r.get("macs"), accuracy=r.get("accuracy"),
+            delta_vs_teacher=r.get("delta_vs_teacher"),
+            p50_ms=lat.get("lower_bound") if kind == "estimate" else lat.get("p50"),
+            p95_ms=lat.get("p95") if measured else None,
+            img_s_b1=(r.get("throughput") or {}).get("1") if measured else None,
+            energy_mj=r.get("energy_mj") if kind != "skipped" else None, how=kind, energy_how=r.get("energy_how"),
+            status=r["status"], reason=r.get("reason")))
     return out
+
+
+SUFFIX = {"target": "", "host": "h", "estimate": "e"}  # the tables' mark for how a figure was obtained
+
+
+def cells(t: TableRow) -> dict[str, str]:
+    """The row's text per HEADER column (status without its reason: each table shows reasons its own way)."""
+    tag = SUFFIX.get(t.how, "")
+    etag = "e" if t.energy_how == "estimated" else tag
+
+    def fig(v: float | None, digits: int, suffix: str) -> str:
+        return "—" if v is None else f"{v:.{digits}f}{suffix}"
+    return {"artifact": t.artifact, "prec": t.precision, "backend/provider": f"{t.backend}/{t.provider}",
+            "where": f"{t.where_kind}:{t.where_name}",
+            "KiB": "—" if t.size_bytes is None else f"{t.size_bytes / 1024:.1f}",
+            "params": "—" if t.params is None else f"{t.params:,}",
+            "MACs": "—" if t.macs is None else f"{t.macs:,}",
+            "acc": fmt(t.accuracy, 4), "Δ teacher": fmt(t.delta_vs_teacher, 4),
+            "p50 ms": ("≥" if t.how == "estimate" and t.p50_ms is not None else "") + fig(t.p50_ms, 4, tag),
+            "p95 ms": fig(t.p95_ms, 4, tag), "img/s b1": fig(t.img_s_b1, 0, tag),
+            "mJ/inf": fig(t.energy_mj, 4, etag), "status": t.status}
 
 
 HEADER = ["artifact", "prec", "backend/provider", "where", "KiB", "params", "MACs", "acc", "Δ teacher",
@@ -227,7 +262,10 @@ def render_md(report: dict) -> str:
              f"Recipe `{report['recipe']['name']}`, profile `{report['profile']['name']}` "
              f"(target: {report['profile']['target']['name']}).", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in table_rows(report)]
+    for t in table_rows(report):
+        c = cells(t)
+        c["status"] += f": {t.reason}" if t.reason else ""
+        lines.append("| " + " | ".join(c[h].replace("|", "/") for h in HEADER) + " |")
     lines += ["", "Suffixes: none = measured on the profile's target; `h` = measured on this host, not the target; "
                   "`e` = estimated (formula in report.json); `—` = skipped or not applicable.", ""]
     d = report.get("distill") or {}
