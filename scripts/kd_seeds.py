@@ -6,7 +6,7 @@
 KEY is a dotted recipe path, VALUE is YAML: --set teacher.epochs=60 --set 'models.student.kwargs={channels: [6, 12]}'.
 `--set` changes the recipe for everything; each `--variant` (default: the recipe as it is) is a separate distill
 run from the same teacher, so it may change only distill.* and models.student. Prints one row per seed and
-variant, then the means over seeds.
+variant, then per variant the means over seeds and their standard errors.
 """
 from __future__ import annotations
 
@@ -75,6 +75,17 @@ def main() -> None:
         print(f"mean {mean['acc_teacher']:>8.4f} {mean['acc_kd']:>8.4f} {mean['acc_scratch']:>8.4f} "
               f"{statistics.mean(gaps) if gaps else float('nan'):>10.3f}        {v}  (gap closed: mean over "
               f"{len(gaps)} seeds with teacher > scratch; of the mean accuracies: {of_means:.3f})")
+        se = {k: _se([r[k] for r in rs]) for k in ("acc_teacher", "acc_kd", "acc_scratch")}
+        diff = [r["acc_kd"] - r["acc_scratch"] for r in rs]
+        print(f"  se {se['acc_teacher']:>8.4f} {se['acc_kd']:>8.4f} {se['acc_scratch']:>8.4f} {_se(gaps):>10.3f}"
+              f"        {v}  (standard error over seeds; KD - scratch per seed: {statistics.mean(diff):+.4f} "
+              f"+- {_se(diff):.4f}, better/equal/worse {sum(d > 0 for d in diff)}/{sum(d == 0 for d in diff)}/"
+              f"{sum(d < 0 for d in diff)})")
+
+
+def _se(values: list[float]) -> float:
+    """Standard error of the mean (sample standard deviation / sqrt(n)); nan below two values."""
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
 
 
 if __name__ == "__main__":

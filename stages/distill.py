@@ -22,7 +22,7 @@ from pipeline.train import kd, models
 from pipeline.train.loop import LossFn, TrainConfig, accuracy, device_of, fit, seed_everything, train_device
 from stages._common import build_info, freeze, load_teachers, model_artifact, train_augment
 
-Method = Literal["hinton", "feature", "dynamic", "adversarial", "self", "ensemble"]
+Method = Literal["hinton", "feature", "dynamic", "adversarial", "self", "ensemble", "dkd", "dist"]
 TeacherFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -47,6 +47,20 @@ class Config(TrainConfig):
                                                 "matching), the scratch one learns the mixed labels; 0: off")
     generations: int = Field(2, ge=1, description="self: students trained in turn, each the teacher of the next; "
                                                   "the first learns from the recipe's teacher")
+    # dkd and dist follow their official code (mdistiller DKD.py and cfg.py; hunto/image_classification_sota
+    # dist_kd.py, kd_loss.py): cross-entropy at a weight of its own, not 1 - alpha; `alpha` is unused by both
+    ce_weight: float = Field(1.0, ge=0, description="dkd, dist: weight of the cross-entropy term (1.0 in both "
+                                                    "official codes); the KD term is added at full weight")
+    dkd_alpha: float = Field(1.0, ge=0, description="dkd: weight of TCKD, the target-vs-rest binary KL")
+    dkd_beta: float = Field(8.0, ge=0, description="dkd: weight of NCKD, the KL among the non-target classes "
+                                                   "(mdistiller: 8 on CIFAR-100, 0.5 on ImageNet)")
+    dkd_warmup_steps: int = Field(400, ge=0, description="dkd: the KD term ramps linearly from 0 over this many "
+                                                         "optimizer steps (mdistiller: over its first 20 epochs; "
+                                                         "the loss sees steps, not epochs: 400 is 20 epochs of "
+                                                         "the default digits recipe); 0: no ramp")
+    dist_beta: float = Field(1.0, ge=0, description="dist: weight of the inter-class relation (per sample)")
+    dist_gamma: float = Field(1.0, ge=0, description="dist: weight of the intra-class relation (per class, across "
+                                                     "the batch; the official code uses T=1: set temperature: 1)")
 
 
 def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
@@ -142,6 +156,21 @@ def make_loss(cfg: Config, student: nn.Module, teacher_fn: TeacherFn, teacher: n
             x_adv = _attack(_unwrap(m), x, kd.kd_objective(t, T), cfg)
             t_adv = t if cfg.adv_target == "clean" else teacher_fn(x_adv)
             return kd.hinton(m(torch.cat([x, x_adv])), torch.cat([t, t_adv]), torch.cat([y, y]), T, alpha).mean()
+    elif cfg.method == "dkd":
+        steps = [0]  # fit() calls the loss once per optimizer step
+
+        def loss(m, x, y, idx):
+            out = m(x)
+            steps[0] += 1
+            warm = min(steps[0] / cfg.dkd_warmup_steps, 1.0) if cfg.dkd_warmup_steps else 1.0
+            target = y.argmax(1) if y.dim() == 2 else y  # mixup's soft labels: the larger share is the target
+            return (cfg.ce_weight * F.cross_entropy(out, y, reduction="none")
+                    + warm * kd.dkd(out, t_of(x, idx), target, T, cfg.dkd_alpha, cfg.dkd_beta)).mean()
+    elif cfg.method == "dist":
+        def loss(m, x, y, idx):  # a batch-level loss: kd.dist relates the samples of the batch (or rank's shard)
+            out = m(x)
+            return cfg.ce_weight * F.cross_entropy(out, y) + kd.dist(out, t_of(x, idx), T, cfg.dist_beta,
+                                                                     cfg.dist_gamma)
     else:  # hinton, self (each generation), ensemble (teacher_fn averages)
         def loss(m, x, y, idx):
             return kd.hinton(m(x), t_of(x, idx), y, T, alpha).mean()

@@ -1,13 +1,21 @@
-"""The KD losses in pipeline/kd.py against hand-computed values and invariants."""
+"""The KD losses in pipeline/train/kd.py against hand-computed values and invariants; dkd and dist through the CLI."""
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
+from typer.testing import CliRunner
 
+from pipeline.cli import app
+from pipeline.config import DEFAULT_RECIPE
 from pipeline.train import kd
+from stages import distill
+from tests.conftest import FAST
 
 
 def test_hinton_matches_hand_computed_value_with_t_squared():
@@ -92,3 +100,112 @@ def test_mixup_mixes_images_and_labels_with_the_same_weights():
     s = torch.randn(64, 10)
     assert torch.allclose(F.cross_entropy(s, F.one_hot(y, 10).float(), reduction="none"),
                           F.cross_entropy(s, y, reduction="none"), atol=1e-6)
+
+
+# ------------------------------------------------------------------ DKD (Zhao et al. 2022) and DIST (Huang et al. 2022)
+def _softmax(z):
+    e = [math.exp(v) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def _kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+
+def test_dkd_matches_the_papers_formula_computed_by_hand():
+    # two samples, three classes, targets 0 and 2; T = 2, alpha = 1, beta = 8
+    s, t, y, T, alpha, beta = [[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]], [[0.0, 2.0, 1.0], [1.0, 0.0, 3.0]], [0, 2], 2.0, 1.0, 8.0
+    expected = []
+    for si, ti, yi in zip(s, t, y):
+        ps, pt = _softmax([v / T for v in si]), _softmax([v / T for v in ti])
+        tckd = _kl([pt[yi], 1 - pt[yi]], [ps[yi], 1 - ps[yi]])                 # binary: target vs the rest
+        qs = [p / (1 - ps[yi]) for k, p in enumerate(ps) if k != yi]           # renormalised non-target classes
+        qt = [p / (1 - pt[yi]) for k, p in enumerate(pt) if k != yi]
+        nckd = _kl(qt, qs)
+        expected.append(T * T * (alpha * tckd + beta * nckd))
+    got = kd.dkd(torch.tensor(s), torch.tensor(t), torch.tensor(y), T, alpha, beta)
+    assert got.tolist() == pytest.approx(expected, rel=1e-5)
+    assert expected == pytest.approx([0.88206, 7.84773], abs=1e-5)
+
+
+def test_dkd_decomposes_kd_and_vanishes_when_student_equals_teacher():
+    torch.manual_seed(0)
+    s, t, y, T = torch.randn(6, 10, dtype=torch.float64), torch.randn(6, 10, dtype=torch.float64), \
+        torch.randint(0, 10, (6,)), 4.0
+    tckd, nckd = kd.decoupled_kl(s, t, y, T)
+    p_target = F.softmax(t / T, dim=1)[torch.arange(6), y]
+    assert torch.allclose(kd.kl_soft(s, t, T), tckd + (1 - p_target) * nckd, atol=1e-10)  # the paper's Eq. (7)
+    assert torch.allclose(kd.dkd(s, s.clone(), y, T, 1.0, 8.0), torch.zeros(6, dtype=torch.float64), atol=1e-10)
+    # a confident wrong student (target probability ~1e-20) stays finite: no log(1 - p) of a rounded 1
+    far = torch.tensor([[-50.0, 50.0, 0.0]])
+    assert torch.isfinite(kd.dkd(far, torch.zeros(1, 3), torch.tensor([0]), 1.0, 1.0, 8.0)).all()
+
+
+def test_dist_matches_the_papers_formula_computed_by_hand():
+    # three samples, four classes, T = 2, beta = 1, gamma = 2: Pearson correlations by numpy, not by kd
+    s = np.array([[1.0, 0.0, -1.0, 0.5], [0.2, 2.0, 0.0, -0.3], [0.0, 0.0, 1.5, 1.0]])
+    t = np.array([[2.0, 0.5, -1.0, 0.0], [0.0, 1.0, 0.5, -1.0], [1.0, -0.5, 2.0, 0.0]])
+    T, beta, gamma = 2.0, 1.0, 2.0
+    ps = np.exp(s / T) / np.exp(s / T).sum(1, keepdims=True)
+    pt = np.exp(t / T) / np.exp(t / T).sum(1, keepdims=True)
+    inter = 1 - np.mean([np.corrcoef(ps[i], pt[i])[0, 1] for i in range(3)])      # per sample, across classes
+    intra = 1 - np.mean([np.corrcoef(ps[:, c], pt[:, c])[0, 1] for c in range(4)])  # per class, across the batch
+    expected = T * T * (beta * inter + gamma * intra)
+    got = kd.dist(torch.tensor(s), torch.tensor(t), T, beta, gamma)
+    # rel 2e-5: the official code's eps = 1e-8 beside the norms in Pearson's denominator moves this one by 6e-6
+    assert got.item() == pytest.approx(expected, rel=2e-5)
+    assert expected == pytest.approx(1.28678, abs=1e-5)
+
+
+def test_dist_vanishes_when_student_equals_teacher_and_needs_no_second_sample():
+    torch.manual_seed(0)
+    s = torch.randn(5, 10)
+    assert kd.dist(s, s.clone(), 1.0, 1.0, 1.0).item() == pytest.approx(0.0, abs=1e-5)  # float32 rounding
+    # two samples: a class's two probabilities correlate +-1; the teacher's rows swapped make every class -1
+    two = kd.dist(s[:2], s[[1, 0]], 1.0, 0.0, 1.0).item()
+    assert two == pytest.approx(2.0, abs=1e-3)  # less the eps in Pearson's denominator, against small norms
+    # one sample (an odd last batch split across torchrun ranks): the inter term alone, finite
+    one = kd.dist(s[:1], -s[:1], 1.0, 1.0, 1.0)
+    assert one.item() == pytest.approx(kd.dist(s[:1], -s[:1], 1.0, 1.0, 0.0).item()) and torch.isfinite(one)
+
+
+@pytest.mark.parametrize("loss", [lambda s, t, y: kd.dkd(s, t, y, 4.0, 1.0, 8.0).mean(),
+                                  lambda s, t, y: kd.dist(s, t, 1.0, 1.0, 1.0)], ids=["dkd", "dist"])
+def test_new_losses_send_gradients_to_the_student_only(loss):
+    s, t = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10, requires_grad=True)
+    loss(s, t, torch.randint(0, 10, (4,))).backward()
+    assert t.grad is None and s.grad is not None and s.grad.abs().sum() > 0
+
+
+def test_stage_losses_weigh_cross_entropy_ramp_dkd_over_its_warmup_and_take_mixup_labels():
+    torch.manual_seed(0)
+    student, x, y = torch.nn.Linear(6, 4), torch.randn(8, 6), torch.randint(0, 4, (8,))
+    t = torch.randn(8, 4)
+    out = student(x)
+    ce = F.cross_entropy(out, y).item()
+    cfg = distill.Config(method="dkd", temperature=2.0, ce_weight=0.5, dkd_warmup_steps=4)
+    _, loss = distill.make_loss(cfg, student, lambda _x: t)
+    dkd = kd.dkd(out, t, y, 2.0, 1.0, 8.0).mean().item()
+    got = [loss(student, x, y, None).item() for _ in range(5)]
+    assert got == pytest.approx([0.5 * ce + min(k / 4, 1) * dkd for k in range(1, 6)], rel=1e-6)
+    # mixup hands over class probabilities: the larger share is the target, the probabilities go to CE
+    assert loss(student, x, F.one_hot(y, 4).float(), None).item() == pytest.approx(got[-1], rel=1e-6)
+    _, loss = distill.make_loss(distill.Config(method="dist", temperature=1.0, dist_gamma=2.0), student,
+                                lambda _x: t)
+    assert loss(student, x, y, None).item() == pytest.approx(ce + kd.dist(out, t, 1.0, 1.0, 2.0).item(), rel=1e-6)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("method", ["dkd", "dist"])
+def test_pipeline_run_with_the_new_methods_exits_0(tmp_path, method):
+    data = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    for stage, values in {**FAST, "prune": {"epochs": 2}}.items():
+        data[stage] = {**data.get(stage, {}), **values}
+    data["distill"]["method"] = method
+    recipe = tmp_path / f"digits-{method}.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(app, ["run", "--recipe", str(recipe), "--runs-dir", str(tmp_path / "runs")])
+    assert res.exit_code == 0, res.stdout + res.stderr
+    run = json.loads((tmp_path / "runs" / "latest" / "run.json").read_text())
+    d = run["stages"]["distill"]
+    assert d["status"] == "ok" and d["results"]["method"] == method and d["results"]["acc_kd"] > 0.5

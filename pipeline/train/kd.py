@@ -1,4 +1,5 @@
-"""Knowledge-distillation losses. Each returns a per-sample loss; callers take the mean.
+"""Knowledge-distillation losses. Each returns a per-sample loss, callers take the mean; except `dist`, whose
+terms compare samples with each other and so return one value for the batch.
 
 Hinton et al. 2015: alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).
 The T^2 factor keeps the soft-target gradients on the same scale as the hard-label ones when T changes.
@@ -26,6 +27,58 @@ def hinton(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.
     """Per-sample Hinton loss; alpha may be a per-sample tensor (see `dynamic_alpha`)."""
     ce = F.cross_entropy(student_logits, y, reduction="none")
     return alpha * T * T * kl_soft(student_logits, teacher_logits.detach(), T) + (1 - alpha) * ce
+
+
+def decoupled_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor, T: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (TCKD, NCKD) of Zhao et al. 2022, without T^2; KL = TCKD + (1 - p_target(teacher)) * NCKD.
+
+    TCKD: binary KL between the teacher's and the student's [p_target, 1 - p_target] at T. NCKD: KL between
+    their distributions over the non-target classes, renormalised; the target logit is pushed down by 1000 before
+    the softmax, as in the official code (mdistiller, DKD.py), so its probability is exactly 0 in float32.
+    """
+    t = teacher_logits.detach() / T
+    s = student_logits / T
+    gt = F.one_hot(y, s.shape[1]).bool()
+    tckd = F.kl_div(_log_binary(s, gt), _log_binary(t, gt), reduction="none", log_target=True).sum(dim=1)
+    nckd = kl_soft(s - 1000.0 * gt, t - 1000.0 * gt, 1.0)
+    return tckd, nckd
+
+
+def _log_binary(z: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """[log p_target, log(1 - p_target)] per row of softmax(z), from logsumexps: no log of 1 - p rounded to 0."""
+    lse = z.logsumexp(dim=1)
+    return torch.stack([z[gt] - lse, z.masked_fill(gt, -math.inf).logsumexp(dim=1) - lse], dim=1)
+
+
+def dkd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor, T: float, alpha: float,
+        beta: float) -> torch.Tensor:
+    """Per-sample Decoupled KD term, T^2 * (alpha * TCKD + beta * NCKD); the caller adds cross-entropy."""
+    tckd, nckd = decoupled_kl(student_logits, teacher_logits, y, T)
+    return T * T * (alpha * tckd + beta * nckd)
+
+
+def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of each row of a with the same row of b (eps as in the official DIST code)."""
+    a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float, beta: float, gamma: float
+         ) -> torch.Tensor:
+    """DIST (Huang et al. 2022) for the batch, a scalar: T^2 * (beta * inter + gamma * intra).
+
+    inter: mean over samples of 1 - Pearson(student probabilities, teacher probabilities) at T; intra: the same
+    per class, across the batch (the transposed matrices). Correlation instead of KL: the student must rank the
+    classes as the teacher does, not match its exact probabilities (which helps with a much stronger teacher).
+    A batch of one sample has no intra-class relation: that term is 0 then. Under torchrun each rank relates
+    the samples of its own shard, as BatchNorm without SyncBatchNorm does.
+    """
+    p_s = F.softmax(student_logits / T, dim=1)
+    p_t = F.softmax(teacher_logits.detach() / T, dim=1)
+    inter = 1 - _pearson_rows(p_s, p_t).mean()
+    intra = 1 - _pearson_rows(p_s.T, p_t.T).mean() if len(p_s) > 1 else p_s.new_zeros(())
+    return T * T * (beta * inter + gamma * intra)
 
 
 def dynamic_alpha(teacher_logits: torch.Tensor, T: float, alpha: float) -> torch.Tensor:
