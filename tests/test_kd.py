@@ -209,3 +209,32 @@ def test_pipeline_run_with_the_new_methods_exits_0(tmp_path, method):
     run = json.loads((tmp_path / "runs" / "latest" / "run.json").read_text())
     d = run["stages"]["distill"]
     assert d["status"] == "ok" and d["results"]["method"] == method and d["results"]["acc_kd"] > 0.5
+
+
+def _dist_rank(rank: int, store: str, out: str) -> None:
+    """One gloo rank: the dist stage loss on its shard of a batch of 5, through DDP; saves the averaged grad."""
+    import torch.distributed as dist_
+    dist_.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    student, x, y, t = torch.nn.Linear(6, 4), torch.randn(5, 6), torch.randint(0, 4, (5,)), torch.randn(5, 4)
+    net = torch.nn.parallel.DistributedDataParallel(student)
+    _, loss = distill.make_loss(distill.Config(method="dist", temperature=1.0), student, lambda _x: t[rank::2])
+    loss(net, x[rank::2], y[rank::2], None).backward()  # rank 0: 3 samples, rank 1: 2 (an odd last batch)
+    torch.save(student.weight.grad, f"{out}.{rank}")
+    dist_.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_dist_under_two_gloo_ranks_averages_the_losses_of_each_ranks_shard(tmp_path):
+    torch.multiprocessing.spawn(_dist_rank, args=(str(tmp_path / "store"), str(tmp_path / "grad")), nprocs=2)
+    torch.manual_seed(0)
+    student, x, y, t = torch.nn.Linear(6, 4), torch.randn(5, 6), torch.randint(0, 4, (5,)), torch.randn(5, 4)
+    grads = []
+    for r in (0, 1):
+        student.zero_grad()
+        (F.cross_entropy(student(x[r::2]), y[r::2]) + kd.dist(student(x[r::2]), t[r::2], 1.0, 1.0, 1.0)).backward()
+        grads.append(student.weight.grad.clone())
+    expected = (grads[0] + grads[1]) / 2
+    for r in (0, 1):
+        assert torch.allclose(torch.load(tmp_path / f"grad.{r}"), expected, atol=1e-6)
+    assert not torch.allclose(grads[0], grads[1])  # the shards really differ: the average is not one of them
