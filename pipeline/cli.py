@@ -59,9 +59,20 @@ def run(profile: Annotated[str, typer.Option(help="a name from profiles/ or a YA
     _print_report(run_dir)
 
 
+@app.command("check")
+def check_command(profile: Annotated[str, typer.Option(help="a name from profiles/ or a YAML path")] = "edge-cpu",
+                  recipe: Annotated[Path, typer.Option(help="what to compress")] = DEFAULT_RECIPE) -> None:
+    """Check in seconds what a run needs (configs, files, models, data, device): exit 0 ready, 2 not."""
+    from pipeline.check import run_checks
+    ready = run_checks(recipe, profile, lambda line: console.print(line, highlight=False, markup=False,
+                                                                   soft_wrap=True), debug=DEBUG["on"])
+    raise typer.Exit(0 if ready else 2)
+
+
 def _print_report(run_dir: Path) -> None:
     import json
 
+    from pipeline.report import budgets
     from pipeline.report.build import cells, table_rows
     report = json.loads((run_dir / "report.json").read_text())
     keep = ["artifact", "prec", "backend/provider", "where", "KiB", "acc", "Δ teacher", "p50 ms", "p95 ms",
@@ -87,9 +98,14 @@ def _print_report(run_dir: Path) -> None:
         console.print(f"note: {n}", highlight=False, markup=False)
     host = report["environment"]
     console.print(f"host: {host.get('hostname')} ({host.get('cpu', {}).get('model')})", highlight=False)
-    rec = report.get("recommended")
-    console.print(f"recommended: [bold]{rec['artifact']}[/] ({rec['basis']})" if rec else
-                  "recommended: none meets the budgets")
+    heads = budgets.limits(report)
+    bt = Table(title=f"budgets of {report['profile']['name']} (on the target; p95 + noise margin)")
+    for h in ["artifact", *heads.values()]:
+        bt.add_column(h, overflow="fold")
+    for s in budgets.table(report):
+        bt.add_row(s.artifact, *(budgets.short(s.checks[k]) for k in heads))
+    console.print(bt)
+    console.print(budgets.verdict_line(report), highlight=False, markup=False)
     console.print(f"run directory: {run_dir}\nreport: {run_dir / 'report.md'}")
 
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import PROFILES_DIR, load_profile
+from pipeline.report.build import SCHEMA_VERSION
 from pipeline.report.gate import BUDGETS, gate
 
 cli = CliRunner()
@@ -54,14 +55,15 @@ def crafted_report(profile: str = "edge-cpu", rows: list[dict] | None = None, re
             r["delta_vs_teacher"] = r["accuracy"] - teacher
     rec = None if recommended is None else {"artifact": recommended, "basis": "target", "p50_ms": 0.4,
                                             "accuracy": 0.95, "size_bytes": 20_000}
-    return {"schema_version": 1, "run_id": "20260101-000000-digits-x", "created": "2026-01-01T00:00:00+00:00",
+    return {"schema_version": SCHEMA_VERSION, "run_id": "20260101-000000-digits-x", "created": "2026-01-01T00:00:00+00:00",
             "recipe": {"name": "digits", "path": None},
             "profile": {"name": prof.name, "description": "", "target": prof.target.model_dump(mode="json"),
                         "hardware": prof.hardware.model_dump(mode="json"),
                         "budgets": {**prof.budgets.model_dump(), **budgets}},
             "environment": {"kind": "host", "hostname": "ci", "versions": {"onnxruntime": "1.20.0"}},
             "teacher": {}, "distill": {}, "prune": {}, "quantize": {}, "stages": [], "rows": rows, "notes": [],
-            "meter": None, "allowance": 0.01, "flags": [], "recommended": rec}
+            "meter": None, "allowance": 0.01, "flags": [], "recommended": rec,
+            "nearest_miss": None}
 
 
 def write(tmp_path: Path, report: dict) -> Path:
@@ -159,7 +161,7 @@ def test_unusable_input_exit_3(tmp_path, break_it):
     if break_it == "missing_dir":
         run = tmp_path / "nope"
     elif break_it == "schema_version":
-        (run / "report.json").write_text(json.dumps({**crafted_report(), "schema_version": 2}))
+        (run / "report.json").write_text(json.dumps({**crafted_report(), "schema_version": 99}))
     elif break_it == "not_json":
         (run / "report.json").write_text("{")
     elif break_it == "other_target":

@@ -6,36 +6,20 @@ profile's target, `h` = measured on this host (not the target), `e` = estimated,
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import is_candidate, is_trained
+from pipeline.artifacts import is_trained
+from pipeline.report import budgets
+from pipeline.report.budgets import measured_rows, noise_margin_ms  # noqa: F401  (their home is budgets)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: rows' energy_how, latency std required, nearest_miss
 
 
 def _load(run_dir: Path, name: str) -> Any:
     p = run_dir / name
     return json.loads(p.read_text()) if p.exists() else {}
-
-
-def noise_margin_ms(a: dict, b: dict | None = None, q: str = "p50") -> float:
-    """Twice the combined standard error of a percentile (1.2533·σ/√n for the median), floored at 2 % of it.
-
-    Two figures closer than this are a tie: a noisy machine must not flip a verdict.
-    """
-    def se(lat: dict) -> float:
-        return 1.2533 * lat["std"] / math.sqrt(max(lat["n"], 1))
-    err = se(a) ** 2 + (se(b) ** 2 if b else 0.0)
-    return max(2 * math.sqrt(err), 0.02 * a[q])
-
-
-def measured_rows(rows: list[dict], artifact: str, on_target: bool) -> list[dict]:
-    """The artifact's measured batch-1 rows, on the profile's target or not."""
-    return [r for r in rows if r["artifact"] == artifact and r["status"] == "measured"
-            and bool(r.get("on_target", False)) == on_target and r.get("batch") == 1]
 
 
 def best_row(rows: list[dict], artifact: str, on_target: bool) -> dict | None:
@@ -76,7 +60,7 @@ def build(run_dir: Path) -> dict:
         "allowance": recipe.get("max_accuracy_drop_per_stage", 0.01),
     }
     report["flags"] = flags(report)
-    report["recommended"] = recommend(report)
+    report["recommended"], report["nearest_miss"] = budgets.recommendation(report)
     return report
 
 
@@ -113,48 +97,8 @@ def flags(report: dict) -> list[dict]:
 
 
 def recommend(report: dict) -> dict | None:
-    """The fastest (then smallest) student artifact that meets the budgets and was not flagged slower."""
-    b = report["profile"].get("budgets") or {}
-    rows = report["rows"]
-    # a compression step that bought no speed is not recommended over its input; a student no faster than its
-    # teacher stays a candidate (it is still the smaller model), its flag says what it did not buy
-    roles = {r["artifact"]: r.get("role") for r in rows}
-    slow = {f["artifact"] for f in report["flags"] if f["kind"] in ("not_faster", "accuracy_drop")
-            and not is_trained(roles.get(f["artifact"]))}
-    best = None
-    for art in sorted(roles):
-        if not is_candidate(roles[art]) or art in slow:
-            continue
-        row = best_row(rows, art, True)
-        basis = "target"
-        if row is None:
-            row, basis = best_row(rows, art, False), "host (no measurement on the target)"
-        acc_row = row or next((r for r in rows if r["artifact"] == art and r.get("accuracy") is not None), None)
-        if acc_row is None or acc_row.get("accuracy") is None:
-            continue
-        misses = _misses(b, acc_row, row, basis == "target")
-        if misses:
-            continue
-        key = (row["latency_ms"]["p50"] if row else math.inf, acc_row.get("size_bytes") or 0)
-        if best is None or key < best[0]:
-            best = (key, {"artifact": art, "basis": basis, "p50_ms": row["latency_ms"]["p50"] if row else None,
-                          "accuracy": acc_row["accuracy"], "size_bytes": acc_row.get("size_bytes")})
-    return best[1] if best else None
-
-
-def _misses(b: dict, acc_row: dict, lat_row: dict | None, on_target: bool) -> list[str]:
-    m = []
-    if b.get("min_accuracy") is not None and acc_row["accuracy"] < b["min_accuracy"]:
-        m.append("min_accuracy")
-    if b.get("max_accuracy_drop") is not None and acc_row.get("delta_vs_teacher") is not None \
-            and -acc_row["delta_vs_teacher"] > b["max_accuracy_drop"]:
-        m.append("max_accuracy_drop")
-    if b.get("max_size_mb") is not None and (acc_row.get("size_bytes") or 0) > b["max_size_mb"] * 1e6:
-        m.append("max_size_mb")
-    if on_target and lat_row and b.get("p95_latency_ms") is not None \
-            and lat_row["latency_ms"]["p95"] > b["p95_latency_ms"]:
-        m.append("p95_latency_ms")
-    return m
+    """The artifact budgets.recommendation chooses (report.json's `recommended`), or None."""
+    return budgets.recommendation(report)[0]
 
 
 # ---------------------------------------------------------------- rendering
@@ -257,6 +201,17 @@ HEADER = ["artifact", "prec", "backend/provider", "where", "KiB", "params", "MAC
           "p50 ms", "p95 ms", "img/s b1", "mJ/inf", "status"]
 
 
+def budget_md(report: dict) -> list[str]:
+    """Each candidate against each budget (pipeline/report/budgets.py), as a Markdown table."""
+    heads = budgets.limits(report)
+    out = [f"Budgets of profile `{report['profile']['name']}`, judged on the target (latency: p95 + noise margin; "
+           "accuracy: the worst provider):", "", "| artifact | " + " | ".join(heads.values()) + " |",
+           "|" + "---|" * (len(heads) + 1)]
+    out += ["| " + " | ".join([s.artifact, *(budgets.short(s.checks[k]) for k in heads)]) + " |"
+            for s in budgets.table(report)]
+    return out + [""]
+
+
 def render_md(report: dict) -> str:
     lines = [f"# Report {report['run_id']}", "",
              f"Recipe `{report['recipe']['name']}`, profile `{report['profile']['name']}` "
@@ -273,9 +228,7 @@ def render_md(report: dict) -> str:
         lines.append(f"Distillation ({d.get('method')}), test split, PyTorch:")
         lines += [f"- {k}: {v}" for k, v in distill_facts(d)]
         lines.append("")
-    rec = report.get("recommended")
-    lines.append(f"Recommended artifact: `{rec['artifact']}` (basis: {rec['basis']})." if rec
-                 else "Recommended artifact: none meets the profile's budgets.")
+    lines += budget_md(report) + [budgets.verdict_line(report), ""]
     for f in report.get("flags", []):
         lines.append(f"- flag {f['kind']}: `{f['artifact']}` on {f['provider']}: {f['detail']}")
     for n in report.get("notes", []):

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from pipeline.errors import first_line
+from pipeline.report import budgets
 from pipeline.report.build import distill_facts, fmt, how
 
 HOW = {"target": "measured on target", "host": "measured on host", "estimate": "estimated with formula",
@@ -61,29 +62,38 @@ def _bytes(n: int | None) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
-def _accuracy_of(rows: list[dict], artifact: str) -> float | None:
-    """An artifact's measured accuracy (estimated and trtexec rows have none of their own)."""
-    accs = [r["accuracy"] for r in rows if r["artifact"] == artifact and r["status"] == "measured"
-            and r.get("accuracy") is not None]
-    return max(accs, key=lambda a: accs.count(a)) if accs else None
+def _accuracies(report: dict) -> dict[str, float | None]:
+    """Each artifact's accuracy as the budgets judge it (the worst on the target, else on the host): estimated
+    and trtexec rows have none of their own and are drawn at it."""
+    return {a: s.accuracy for a, s in budgets.evaluate(report, allow_estimates=True).items()}
 
 
 # ---------------------------------------------------------------- sections
 def _recommended(report: dict) -> str:
     rec = report.get("recommended")
     if not rec:
-        return ("<div class='box bad'><b>No artifact recommended</b>: none meets the profile's budgets "
-                "(see the table and the flags below).</div>")
+        return f"<div class='box bad'><b>No artifact recommended</b>: {esc(budgets.verdict_line(report))}</div>"
     return (f"<div class='box good'><b>Recommended artifact:</b> <code>{esc(rec['artifact'])}</code> "
-            f"(basis: {esc(rec['basis'])}) · accuracy {_num(rec.get('accuracy'))} · p50 "
-            f"{_num(rec.get('p50_ms'))} ms · {_bytes(rec.get('size_bytes'))}</div>")
+            f"(basis: {esc(rec['basis'])}) · accuracy {_num(rec.get('accuracy'))} · p95 "
+            f"{_num(rec.get('p95_ms'))} ms · {_bytes(rec.get('size_bytes'))}<br><small>the most accurate of the "
+            f"artifacts meeting every budget (table below)</small></div>")
 
 
 def _budgets(report: dict) -> str:
+    """Each candidate against each budget: the same verdicts as the gate (pipeline/report/budgets.py)."""
     b = report["profile"].get("budgets") or {}
-    cells = "".join(f"<li>{esc(label)}: <b>{'not set' if b.get(k) is None else esc(f'{b[k]:g} {unit}'.strip())}"
-                    f"</b></li>" for k, (label, unit) in BUDGET_LABELS.items())
-    return f"<h2>Budgets of profile <code>{esc(report['profile']['name'])}</code></h2><ul class=budgets>{cells}</ul>"
+    heads = "".join(f"<th>{esc(label)}<br><small>{'not set' if b.get(k) is None else esc(f'{b[k]:g} {unit}'.strip())}"
+                    f"</small></th>" for k, (label, unit) in BUDGET_LABELS.items())
+    trs = []
+    for s in budgets.table(report):
+        tds = "".join(f"<td class='b-{c.status}' title='{esc(c.source)}'>{esc(budgets.short(c))}"
+                      f"<br><small>{esc(c.message)}</small></td>" for c in (s.checks[k] for k in BUDGET_LABELS))
+        trs.append(f"<tr><td><code>{esc(s.artifact)}</code></td>{tds}</tr>")
+    return (f"<h2>Budgets of profile <code>{esc(report['profile']['name'])}</code></h2><div class=scroll>"
+            f"<table class=results><thead><tr><th>artifact</th>{heads}</tr></thead><tbody>{''.join(trs)}</tbody>"
+            "</table></div><p class=legend>Judged on measurements on the target: latency is p95 plus the noise "
+            "margin, accuracy the worst provider's; estimates and host figures never meet a target budget. "
+            "The gate gives the same verdicts.</p>")
 
 
 COLUMNS = ["stage", "artifact", "format", "precision", "backend / provider, where", "size", "params", "MACs",
@@ -241,12 +251,12 @@ def _plain(s: str) -> str:
 
 
 def _points(report: dict) -> list[dict]:
-    rows, pts = report["rows"], []
+    rows, pts, accs = report["rows"], [], _accuracies(report)
     for r in rows:
         lat = r.get("latency_ms") or {}
         x = lat.get("p95") if r["status"] == "measured" and r.get("batch") == 1 else \
             lat.get("lower_bound") if r["status"] == "estimated" else None
-        acc = r.get("accuracy") if r.get("accuracy") is not None else _accuracy_of(rows, r["artifact"])
+        acc = r.get("accuracy") if r.get("accuracy") is not None else accs.get(r["artifact"])
         if x is None or acc is None:
             continue
         pts.append({"x": x, "y": acc, "kind": how(r), "size": r.get("size_bytes") or 0, "artifact": r["artifact"],
@@ -289,8 +299,8 @@ def pareto_svg(report: dict) -> str | None:
     if len(front) > 1:
         ax.step([p["x"] for p in front], [p["y"] for p in front], where="post", color="#2ca02c", lw=1, zorder=2)
     b, handles = report["profile"].get("budgets") or {}, []
-    teacher = (report.get("distill") or {}).get("acc_teacher") or _accuracy_of(
-        report["rows"], next((r["artifact"] for r in report["rows"] if r.get("role") == "teacher"), ""))
+    teacher = (report.get("distill") or {}).get("acc_teacher") or _accuracies(report).get(
+        next((r["artifact"] for r in report["rows"] if r.get("role") == "teacher"), ""))
     lines = [("v", b.get("p95_latency_ms"), "#d62728", f"p95 budget {b.get('p95_latency_ms')} ms"),
              ("h", b.get("min_accuracy"), "#9467bd", f"min accuracy {b.get('min_accuracy')}")]
     if b.get("max_accuracy_drop") is not None and teacher is not None:
@@ -415,7 +425,8 @@ table.results{font-size:12px;width:100%}
 .results th{background:#f5f7fa;white-space:normal;text-align:center}
 .results td:nth-child(-n+5),.results td:last-child{text-align:left}
 .results td:last-child{white-space:nowrap}ol.reasons{font-size:12px;color:#333;margin-top:2px}
-tr.rec td{background:#f1f9f1}tr.estimate td{font-style:italic;color:#8a4b00}tr.skipped td{color:#777}
+tr.rec td{background:#f1f9f1}td.b-met{background:#eef8ee}td.b-missed{background:#fdecea}
+td.b-unmeasured{background:#fff6e0}tr.estimate td{font-style:italic;color:#8a4b00}tr.skipped td{color:#777}
 .badge{display:inline-block;border-radius:10px;padding:0 7px;font-size:11.5px;font-style:normal;color:#fff}
 .badge.target{background:#1f77b4}.badge.host{background:#6b7280}.badge.estimate{background:#e07b00}
 .badge.skipped{background:#9ca3af}
