@@ -14,6 +14,7 @@ from rich.console import Console
 from pipeline.config import DEFAULT_RECIPE, load_profile
 from pipeline.errors import StageError
 from pipeline.runner import Runner
+from pipeline.ship.kit import device_command
 from stages.benchmark import NOT_ON_TARGET
 from tests.conftest import fast_recipe
 
@@ -89,7 +90,7 @@ def test_runner_refuses_a_tampered_kit(real_run, tmp_path, monkeypatch, sshd):
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF
     model.write_bytes(bytes(data))
-    proc = subprocess.run([sys.executable, "-m", "device.runner", "."], cwd=kit, capture_output=True, text=True)
+    proc = subprocess.run(device_command(sys.executable, "runner", "."), cwd=kit, capture_output=True, text=True)
     assert proc.returncode == 3
     doc = json.loads(proc.stdout)
     assert any(model.name in p and "differs from the manifest" in p for p in doc["problems"])

@@ -1,26 +1,31 @@
 """Check a shipped bundle against its manifest.json: on the build host (`pipeline verify`) and on the device.
 
-Standard library only (plus sibling modules of this folder, themselves stdlib only), because the device may have
-nothing else:
+Standard library only (plus the stdlib-only hashing.py and envinfo.py of this folder), because the device may
+have nothing else. Run it so that the bundle folder cannot shadow a module it imports (README-device.md,
+ship/kit.py device_command: the folder goes last on sys.path, and -B writes no __pycache__ into it):
 
-    python3 -m device.manifest verify .                 # inside an unpacked bundle
-    python3 -m device.manifest verify bundle-....tar.gz
+    python3 -B -c '<put "." last on sys.path; run device.manifest>' verify .     # inside an unpacked bundle
 
-Problems refuse the bundle: a file whose sha256 differs or is missing, an unsafe path in the archive, a
-TensorRT engine built for another TensorRT version or GPU than this machine's. Warnings do not: an
-onnxruntime of another major.minor than the one the figures were measured with. Exit codes: 0 verified
-(warnings may be printed), 1 refused, 3 not a bundle.
+Problems refuse the bundle: a file whose sha256 differs or is missing, a file the manifest does not list, a
+link, device or FIFO, an unsafe path in the archive, a compressed stream that fails its check. Warnings do
+not: an onnxruntime of another major.minor than the one the figures were measured with. Exit codes: 0
+verified (warnings may be printed), 1 refused, 3 not a bundle.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
 import sys
 import tarfile
+import zlib
 from pathlib import Path, PurePosixPath
 
-from .hashing import sha256_file, sha256_stream
+from .hashing import CHUNK, sha256_file, sha256_stream
 
 MANIFEST = "manifest.json"
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class NotABundle(ValueError):
@@ -34,8 +39,12 @@ def checksums(root: Path) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- reading a bundle (folder or .tar.gz)
-def read(bundle: str | Path) -> tuple[dict, dict[str, str], dict[str, dict | None], list[str]]:
-    """(manifest, {relative path: sha256 now}, {engine path: its sidecar or None}, problems reading it)."""
+def read(bundle: str | Path) -> tuple[dict, dict[str, str], dict[str, str]]:
+    """(manifest, {relative path: sha256} of every regular file but manifest.json, {path: why it is refused}).
+
+    Every file counts, listed or not: verify refuses what the manifest does not list. Links, devices and
+    FIFOs are problems, never followed or read.
+    """
     bundle = Path(bundle)
     if bundle.is_dir():
         return _read_dir(bundle)
@@ -44,21 +53,32 @@ def read(bundle: str | Path) -> tuple[dict, dict[str, str], dict[str, dict | Non
     raise NotABundle(f"{bundle}: not a bundle folder or a .tar.gz archive.")
 
 
-def _read_dir(root: Path) -> tuple[dict, dict[str, str], dict[str, dict | None], list[str]]:
+def _read_dir(root: Path) -> tuple[dict, dict[str, str], dict[str, str]]:
     if not (root / MANIFEST).is_file():
         raise NotABundle(f"{root}: no {MANIFEST}; give the unpacked bundle folder (or its .tar.gz).")
-    manifest = _json((root / MANIFEST).read_bytes(), f"{root / MANIFEST}")
-    have = {rel: sha256_file(root / rel) for rel in manifest.get("files", {})
-            if ".." not in PurePosixPath(rel).parts and (root / rel).is_file()}
-    engines = {}
-    for p in sorted(root.rglob("*.engine")):
-        side = p.with_suffix(".json")
-        engines[p.relative_to(root).as_posix()] = _json(side.read_bytes(), str(side)) if side.is_file() else None
-    return manifest, have, engines, []
+    refused, have = {}, {}
+    for folder, dirs, names in os.walk(root):  # followlinks=False: a linked folder is reported, not entered
+        dirs.sort()
+        for name in sorted(dirs + names):
+            p = Path(folder) / name
+            rel, st = p.relative_to(root).as_posix(), p.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                refused[rel] = (f"{rel}: a symbolic link; a bundle holds only regular files (a link can point "
+                                f"anywhere, and change after verify): replace it with the file or ship again")
+            elif stat.S_ISDIR(st.st_mode):
+                continue
+            elif not stat.S_ISREG(st.st_mode):
+                refused[rel] = f"{rel}: a device, FIFO or socket, not a regular file; remove it or ship again"
+            elif st.st_nlink > 1:
+                refused[rel] = (f"{rel}: a hard link ({st.st_nlink} names for one file), so a file outside the "
+                                f"bundle can change it after verify: copy the bundle with tar or cp, not cp -l")
+            elif rel != MANIFEST:
+                have[rel] = sha256_file(p)
+    return _json((root / MANIFEST).read_bytes(), f"{root / MANIFEST}"), have, refused
 
 
-def _read_tar(path: Path) -> tuple[dict, dict[str, str], dict[str, dict | None], list[str]]:
-    problems, files = [], {}
+def _read_tar(path: Path) -> tuple[dict, dict[str, str], dict[str, str]]:
+    refused, have, manifest = {}, {}, None
     try:
         with tarfile.open(path, "r:*") as tar:
             members = tar.getmembers()
@@ -66,22 +86,34 @@ def _read_tar(path: Path) -> tuple[dict, dict[str, str], dict[str, dict | None],
                     if PurePosixPath(m.name).name == MANIFEST and len(PurePosixPath(m.name).parts) <= 2]
             if not tops:
                 raise NotABundle(f"{path}: the archive has no {MANIFEST} at its top or in its top folder.")
-            prefix = str(PurePosixPath(tops[0]).parent)
-            prefix = "" if prefix == "." else prefix + "/"
+            top = str(PurePosixPath(tops[0]).parent)
+            prefix = "" if top == "." else top + "/"
             for m in members:
-                p = PurePosixPath(m.name)
-                if p.is_absolute() or ".." in p.parts or m.issym() or m.islnk() or m.isdev():
-                    problems.append(f"{m.name}: unsafe archive member (absolute, '..', link or device); refusing")
-                elif m.isfile() and m.name.startswith(prefix):
-                    files[m.name[len(prefix):]] = m
-            manifest = _json(tar.extractfile(files[MANIFEST]).read(), f"{path}:{tops[0]}")
-            have = {rel: sha256_stream(tar.extractfile(files[rel])) for rel in manifest.get("files", {})
-                    if rel in files}
-            engines = {rel: _json(tar.extractfile(files[rel[:-7] + ".json"]).read(), rel[:-7] + ".json")
-                       if rel[:-7] + ".json" in files else None for rel in files if rel.endswith(".engine")}
-    except (tarfile.TarError, OSError, EOFError, KeyError) as e:
+                p, rel = PurePosixPath(m.name), m.name[len(prefix):]
+                if p.is_absolute() or ".." in p.parts:
+                    refused[m.name] = f"{m.name}: unsafe archive member (absolute or '..'); refusing"
+                elif not (m.isfile() or m.isdir()):  # symlink, hard link, device, FIFO
+                    refused[rel] = (f"{m.name}: a link, device or FIFO member; a bundle holds only regular "
+                                    f"files and folders: refusing")
+                elif m.name != top and not m.name.startswith(prefix):
+                    refused[m.name] = f"{m.name}: outside the bundle's folder {top}/; refusing"
+                elif m.isfile() and rel == MANIFEST:
+                    manifest = _json(tar.extractfile(m).read(), f"{path}:{m.name}")
+                elif m.isfile() and rel in have:  # tar -x keeps the last copy: the first would be checked
+                    refused[rel] = f"{m.name}: in the archive twice; refusing"
+                elif m.isfile():
+                    have[rel] = sha256_stream(tar.extractfile(m))
+            try:  # read to the end: gzip checks its CRC and length only there
+                while tar.fileobj.read(CHUNK):
+                    pass
+            except (OSError, EOFError, zlib.error) as e:
+                refused[str(path)] = (f"{path}: the compressed stream fails its check at the end ({e}): the "
+                                      f"archive is corrupt; copy or ship it again")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise NotABundle(f"{path}: unreadable archive ({type(e).__name__}: {e}).") from None
-    return manifest, have, engines, problems
+    if manifest is None:
+        raise NotABundle(f"{path}: {tops[0]} is not a regular file in the archive.")
+    return manifest, have, refused
 
 
 def _json(data: bytes, where: str) -> dict:
@@ -94,55 +126,12 @@ def _json(data: bytes, where: str) -> dict:
     return out
 
 
-# ---------------------------------------------------------------- this machine's runtimes
+# ---------------------------------------------------------------- this machine's runtime
 def runtime() -> dict:
-    """onnxruntime and TensorRT versions and the GPU's compute capability here; None where absent."""
+    """The onnxruntime version here (None when absent), to compare with the one the figures were measured with."""
     from .envinfo import versions
     found = versions("onnxruntime", "onnxruntime-gpu")
-    ort = found["onnxruntime"] or found["onnxruntime-gpu"]
-    return {"onnxruntime": ort, "tensorrt": _trt_version(), "compute_capability": _compute_capability()}
-
-
-def _trt_version() -> str | None:
-    try:  # JetPack's apt package has no pip metadata, so ask the module, then trtexec itself
-        import tensorrt
-        return str(tensorrt.__version__)
-    except Exception:
-        pass
-    try:
-        from .trtbench import trt_version
-        from .trtexec import find_trtexec
-        exe = find_trtexec()
-        if exe:
-            return str(trt_version(exe))
-    except Exception:
-        pass
-    return None
-
-
-def _compute_capability() -> str | None:
-    """Through the CUDA driver API with ctypes: no torch, no cuda-python on the device."""
-    import ctypes
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-        dev, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-        if cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(dev), 0):
-            return None
-        # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76 (cuda.h)
-        if cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, dev) or \
-                cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev):
-            return None
-        return f"{major.value}.{minor.value}"
-    except (OSError, AttributeError):
-        return None
-
-
-def _same_trt(a: str, b: str) -> bool:
-    from .trtexec import TrtVersion
-    try:
-        return TrtVersion.parse(a) == TrtVersion.parse(b)
-    except ValueError:
-        return a == b
+    return {"onnxruntime": found["onnxruntime"] or found["onnxruntime-gpu"]}
 
 
 # ---------------------------------------------------------------- the check
@@ -151,55 +140,46 @@ def check(bundle: str | Path, here: dict | None = None) -> tuple[list[str], list
 
     Raises NotABundle when there is no manifest to check against.
     """
-    manifest, have, engines, problems = read(bundle)
-    warnings: list[str] = []
+    manifest, have, refused = read(bundle)
+    problems = list(refused.values())
     listed = manifest.get("files")
     if not isinstance(listed, dict) or not listed:
         raise NotABundle(f"{bundle}: {MANIFEST} lists no files (no 'files' mapping of path to sha256).")
     for rel, want in sorted(listed.items()):
         if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
             problems.append(f"{rel}: the manifest names a path outside the bundle; refusing")
+        elif not isinstance(want, str) or not SHA256.fullmatch(want):
+            problems.append(f"{rel}: the manifest's sha256 is {json.dumps(want)[:40]}, not 64 hex digits: "
+                            f"{MANIFEST} is damaged; ship the bundle again")
+        elif rel in refused:
+            continue  # said why above
         elif rel not in have:
             problems.append(f"{rel}: missing from the bundle")
         elif have[rel] != want:
             problems.append(f"{rel}: sha256 {have[rel][:16]}… differs from the manifest's {want[:16]}…: the file "
                             f"changed after shipping (corrupt copy or edited); ship it again")
-    want_ort = (manifest.get("versions") or {}).get("onnxruntime")
-    if here is None and (want_ort or engines):  # probing TensorRT may run trtexec: only when there is a use
-        here = runtime()
-    if want_ort and here.get("onnxruntime") is None:
-        warnings.append(f"onnxruntime is not installed here; the figures were measured with {want_ort} "
-                        f"(pip install onnxruntime=={want_ort}, or onnxruntime-gpu on a GPU)")
-    elif want_ort and _major_minor(want_ort) != _major_minor(here["onnxruntime"]):
-        warnings.append(f"onnxruntime {here['onnxruntime']} here, {want_ort} in the manifest: outputs and "
-                        f"timings may differ from the shipped figures")
-    for rel, side in sorted(engines.items()):
-        problems += _engine_problems(rel, side, here)
-    return problems, warnings
+    for rel in sorted(set(have) - set(listed)):
+        hint = " (TensorRT engines are built outside the bundle: README-device.md)" if rel.endswith(".engine") else ""
+        problems.append(f"{rel}: not listed in {MANIFEST}; a bundle carries only the files it lists, since a stray "
+                        f"module could run in place of a real one: remove it or ship again{hint}")
+    if problems:  # refused: probe nothing here (the probe imports modules)
+        return problems, []
+    versions = manifest.get("versions")
+    want_ort = versions.get("onnxruntime") if isinstance(versions, dict) else None
+    if not isinstance(want_ort, str):
+        return problems, []
+    here = runtime() if here is None else here
+    if here.get("onnxruntime") is None:
+        return problems, [f"onnxruntime is not installed here; the figures were measured with {want_ort} "
+                          f"(pip install onnxruntime=={want_ort}, or onnxruntime-gpu on a GPU)"]
+    if _major_minor(want_ort) != _major_minor(here["onnxruntime"]):
+        return problems, [f"onnxruntime {here['onnxruntime']} here, {want_ort} in the manifest: outputs and "
+                          f"timings may differ from the shipped figures"]
+    return problems, []
 
 
 def _major_minor(v: str) -> tuple[str, ...]:
     return tuple(v.split("+")[0].split(".")[:2])
-
-
-def _engine_problems(rel: str, side: dict | None, here: dict) -> list[str]:
-    """A TensorRT engine runs only on the TensorRT version and GPU (compute capability) that built it."""
-    if side is None:
-        return [f"{rel}: no sidecar {PurePosixPath(rel).stem}.json with the TensorRT version and GPU it was "
-                f"built for; delete it and rebuild on this device"]
-    out = []
-    trt, cc = side.get("trt_version"), side.get("compute_capability")
-    if here.get("tensorrt") is None:
-        out.append(f"{rel}: built with TensorRT {trt}, but there is no TensorRT here: it cannot run on this machine")
-    elif trt is None or not _same_trt(str(trt), str(here["tensorrt"])):
-        out.append(f"{rel}: built with TensorRT {trt}, this machine has TensorRT {here['tensorrt']}: "
-                   f"rebuild the engine here (README-device.md, trtexec)")
-    if here.get("compute_capability") is None:
-        out.append(f"{rel}: built for compute capability {cc}, but no CUDA GPU was found here")
-    elif cc != here["compute_capability"]:
-        out.append(f"{rel}: built for compute capability {cc} (sm{str(cc).replace('.', '')}), this GPU is "
-                   f"{here['compute_capability']}: rebuild the engine here")
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import gzip
 import json
 import os
 import re
+import shlex
 import tarfile
 import tempfile
 from dataclasses import asdict
@@ -33,7 +34,7 @@ from pipeline.errors import ConfigError
 from pipeline.report import schema as reportschema
 from pipeline.report.gate import UNUSABLE, gate
 from pipeline.ship import ssh as sshlink
-from pipeline.ship.kit import copy_payload
+from pipeline.ship.kit import copy_payload, device_command
 
 TEST_BATCH = 64  # images in data/test_batch.npz: enough for an agreement check, small enough to copy anywhere
 VARIANTS = ("fp16", "int8")
@@ -209,22 +210,25 @@ def _readme(name: str, report: dict, prof: Profile, models: list[dict], splits: 
              f"`{m['file']}` ({m['precision']}, opset {m['opset']}): input `{inp['name']}` {inp['dtype']} "
              f"{inp['shape']}, {len(splits.get('classes', []))} classes. From run `{report['run_id']}` for "
              f"profile `{prof.name}` ({prof.target.name}); manifest.json says which budgets the gate found met.", "",
-             "## 1. Verify first", "", "    python3 -m device.manifest verify .", "",
-             "Recomputes every sha256 in manifest.json, compares onnxruntime with the version the figures were "
-             "measured with (a warning), and refuses any TensorRT engine built for another TensorRT version or "
-             "GPU. Do not use a bundle that does not verify.", ""]
+             "## 1. Verify first", "", f"    {shlex.join(device_command('python3', 'manifest', 'verify', '.'))}", "",
+             "Recomputes every sha256 in manifest.json, refuses any file it does not list (and any link, device "
+             "or FIFO), and compares onnxruntime with the version the figures were measured with (a warning). "
+             "Do not use a bundle that does not verify. The commands here put the bundle folder last on "
+             "sys.path (and -B writes no __pycache__ into it), so no file in it can stand in for a module "
+             "Python or numpy provides.", ""]
     if prof.target.tensorrt:
         lines += ["## 2. TensorRT engines are built on this device", "",
                   "Engines are not portable across TensorRT versions or GPUs. The runner (next step) builds each "
-                  "one here with trtexec and caches it in trt-cache/ with a sidecar .json naming the TensorRT "
-                  "version and GPU; verify refuses an engine inside the bundle that has no such sidecar. To "
-                  "build one by hand (trtexec is at /usr/src/tensorrt/bin/trtexec on JetPack), keep it outside "
-                  "the bundle:", ""]
+                  f"one here with trtexec and caches it next to the bundle, in ../{name}-trt-cache/, with a "
+                  "sidecar .json naming the TensorRT version and GPU; it never reuses one built for another. "
+                  "To build one by hand (trtexec is at /usr/src/tensorrt/bin/trtexec on JetPack), keep it "
+                  "outside the bundle too: verify refuses any file the manifest does not list.", ""]
         flags = {"fp32": "", "fp16": " --fp16", "int8": " --int8 --fp16"}
         lines += [f"    trtexec --onnx={x['file']} --saveEngine=../{Path(x['name']).stem}.engine"
                   f"{flags.get(x['precision'], '')} --shapes={inp['name']}:{shape}" for x in models]
         lines += ["", "INT8 models carry their Q/DQ scales in the ONNX; no calibration cache is needed.", ""]
-    lines += [f"## {3 if prof.target.tensorrt else 2}. Benchmark", "", "    python3 -m device.runner .", "",
+    lines += [f"## {3 if prof.target.tensorrt else 2}. Benchmark", "",
+              f"    {shlex.join(device_command('python3', 'runner', '.'))}", "",
               "Prints one JSON document: latency p50/p95/p99 at batch 1, throughput, accuracy and agreement on "
               "data/test_batch.npz, energy when a meter is readable. Needs Python 3.8+, numpy and onnxruntime "
               "(onnxruntime-gpu, or JetPack's wheel, on a GPU).", "",
@@ -279,7 +283,7 @@ def send(bundle: Path, to: str, prof: Profile) -> str:
         target = sshlink.resolve_path(remote, remote_dir).rstrip("/") or "/"
         sshlink.put(remote, [bundle], target)
         sshlink.run(remote, ["tar", "-xzf", bundle.name], cwd=target)
-        proc = sshlink.run(remote, [remote.python, "-m", "device.manifest", "verify", "."],
+        proc = sshlink.run(remote, device_command(remote.python, "manifest", "verify", "."),
                            cwd=f"{target}/{folder}", check=False)
     except (sshlink.RemoteError, ValueError, FileNotFoundError) as e:
         raise ShipError(f"copying {bundle.name} to {remote.destination}:{remote_dir} failed: {e}") from None

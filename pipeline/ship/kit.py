@@ -38,6 +38,20 @@ def resolve(device: str | DeviceSpec) -> sshlink.Remote:
         raise StageError(f"PIPELINE_DEVICE={device!r}: {e}") from None
 
 
+# `python3 -m device.runner` puts the kit folder first on sys.path, so a stray json.py there would run in place of
+# the stdlib's. -I (or 3.11's -P) would drop the folder, but -I also drops PYTHONPATH and user site-packages, where
+# JetPack setups and `pip install --user` put onnxruntime, and devices run Python 3.8 to 3.10. So -c drops the ''
+# entry and puts the folder ('.': commands run in it) last, after the stdlib and site-packages, so only what is
+# found nowhere else (our `device`) comes from it. -B: no __pycache__ written into the kit (verify would refuse it).
+_LAUNCH = ('import sys; sys.path[:] = [p for p in sys.path if p not in ("", ".")] + ["."]; '
+           'from device.{module} import main; sys.exit(main())')
+
+
+def device_command(python: str, module: str, *args: str) -> list[str]:
+    """argv that runs device/<module>.py's main(args) in the kit or bundle folder it is started in."""
+    return [python, "-B", "-c", _LAUNCH.format(module=module), *args]
+
+
 def copy_payload(dest: Path, model_paths: list[Path]) -> None:
     """What a benchmark kit and a shipped bundle both carry: models/ (each model with its sidecar weight files)
     and device/ (the runner, pipeline/device/*.py)."""
@@ -81,7 +95,7 @@ def remote_rows(device: str | DeviceSpec, models: list[ModelEntry], data: Splits
         ctx.log(f"  device {remote.destination}:{remote.port}: copying kit to {target}")
         sshlink.run(remote, ["rm", "-rf", "--", f"{target}/device-kit"])
         sshlink.put(remote, [kit], target)
-        proc = sshlink.run(remote, [remote.python, "-m", "device.runner", "."], cwd=f"{target}/device-kit",
+        proc = sshlink.run(remote, device_command(remote.python, "runner", "."), cwd=f"{target}/device-kit",
                            timeout=3600, check=False)
     except (sshlink.RemoteError, ValueError) as e:
         raise StageError(f"benchmark: device {remote.destination}:{remote.port}: {e}") from None
