@@ -65,6 +65,41 @@ def onnx_external_files(path: Path) -> list[Path]:
     return list(found.values())
 
 
+def check_external_data(path: Path) -> None:
+    """Refuse an ONNX model whose external weights are not regular files inside its own folder.
+
+    files() follows these locations for every copy, hash and bundle, so a given model naming `/etc/passwd`,
+    `../../x` or `/dev/zero` (a copy that fills the disk) must stop here, before anything reads them. The ONNX
+    spec makes `location` a path relative to the model's folder; onnxruntime refuses the rest, but only later.
+    """
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    from pipeline.errors import ConfigError, first_line
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a regular file. Give the path of an .onnx file.")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError, or onnx's own: the bytes are not an ONNX model
+        raise ConfigError(f"{path}: not a readable ONNX model ({first_line(e)}); export it again "
+                          f"(torch.onnx.export) or copy it again.") from None
+    folder = path.parent.resolve()
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        loc = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (path.parent / loc).resolve() if loc and "\0" not in loc else Path("/")
+        if Path(loc).is_absolute() or not target.is_relative_to(folder):
+            raise ConfigError(f"{path}: initializer '{tensor.name}' keeps its weights at '{loc}', outside the "
+                              f"model's folder {folder}; external data must be a file beside the model "
+                              f"(save it again with onnx.save(..., location='<name>.onnx.data')).")
+        if not target.is_file():
+            raise ConfigError(f"{path}: initializer '{tensor.name}' keeps its weights in '{loc}', which is not a "
+                              f"regular file in {folder} (missing, a folder or a device); copy the model's "
+                              f".data file beside it.")
+
+
 def files(path: Path) -> list[Path]:
     """The file and every sidecar it needs to load."""
     path = Path(path)

@@ -5,11 +5,12 @@ fails in a second with the file and field named, not an hour into a run.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
+from pydantic import AfterValidator, BaseModel, Field, PrivateAttr, ValidationError, create_model, model_validator
 
 import stages
 from pipeline.errors import ConfigError
@@ -22,6 +23,17 @@ DEFAULT_RECIPE = RECIPES_DIR / "digits.yaml"
 
 class Strict(BaseModel, extra="forbid"):
     pass
+
+
+def _file_name(value: str) -> str:
+    # recipe and profile names become the run directory's name (runs/<stamp>-<recipe>-<profile>)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value) or ".." in value:
+        raise ValueError("it names the run directory: use 1 to 64 letters, digits and . _ - (starting with a "
+                         "letter or digit, no '..')")
+    return value
+
+
+FileName = Annotated[str, AfterValidator(_file_name)]
 
 
 # ---------------------------------------------------------------- profile
@@ -69,13 +81,19 @@ class DeviceSpec(Strict):
 
 
 class Profile(Strict):
-    name: str
+    name: FileName
     description: str = ""
     target: Target
     hardware: Hardware
     budgets: Budgets = Budgets()
     device: DeviceSpec | None = Field(None, description="benchmark on this device over SSH")
     overrides: dict[str, dict[str, Any]] = Field({}, description="stage settings that win over the recipe's")
+    _path: Path | None = PrivateAttr(None)  # the file it was read from: errors in its overrides name it
+
+    @property
+    def where(self) -> str:
+        """The profile's file, or its name when it was not read from one."""
+        return str(self._path) if self._path else f"profile '{self.name}'"
 
 
 # ---------------------------------------------------------------- recipe
@@ -121,7 +139,7 @@ def _stage_configs() -> dict[str, Any]:
 
 
 class RecipeBase(Strict):
-    name: str
+    name: FileName
     seed: int = 0
     data: DataConfig = DataConfig()
     models: Models
@@ -141,25 +159,26 @@ def recipe_model() -> type[RecipeBase]:
 
 # ---------------------------------------------------------------- loading
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
+    if not _is_file(path):
         raise ConfigError(f"{path}: no such file. Check the path, or list what exists with `pipeline profiles`.")
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level, found {type(data).__name__}.")
     return data
 
 
-def _explain(path: Path, err: ValidationError) -> ConfigError:
+def _explain(path: Path | str, errors: list[dict], prefix: str = "") -> ConfigError:
     lines = []
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    for e in errors:
+        field = prefix + ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {field}: unknown key. Remove it or fix its spelling (see README: profiles and recipes).")
         else:
-            lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r}).")
+            got = repr(e.get("input"))
+            lines.append(f"  {field}: {e['msg']} (got {got if len(got) <= 80 else got[:77] + '...'}).")
     return ConfigError(f"{path}: {len(lines)} invalid setting(s):\n" + "\n".join(lines))
 
 
@@ -181,26 +200,50 @@ def resolve_profile_path(name_or_path: str) -> Path:
 def load_profile(name_or_path: str) -> Profile:
     path = resolve_profile_path(name_or_path)
     try:
-        return Profile.model_validate(_read_yaml(path))
+        profile = Profile.model_validate(_read_yaml(path))
     except ValidationError as e:
-        raise _explain(path, e) from None
+        raise _explain(path, e.errors()) from None
+    profile._path = path
+    return profile
 
 
 def load_recipe(path: Path, profile: Profile | None = None) -> RecipeBase:
-    """Load a recipe; the profile's `overrides` win over the recipe's stage sections."""
+    """Load a recipe (the profile's `overrides` win over its stage sections) and check everything a run reads:
+    its files, and every model built once on the meta device against the data's shape and class count."""
+    path = Path(path)
+    recipe = parse_recipe(path, profile)
+    check_paths(path, recipe)
+    classes = num_classes(recipe.data, path)
+    for field, spec in model_specs(recipe).items():
+        check_model(path, field, spec, recipe.data, classes)
+    return recipe
+
+
+def parse_recipe(path: Path, profile: Profile | None = None) -> RecipeBase:
+    """The recipe's settings with the profile's overrides, validated; an override's error names the profile."""
     path = Path(path)
     data = _read_yaml(path)
+    overridden: set[tuple[str, str]] = set()
     if profile is not None:
         for stage, over in profile.overrides.items():
             if stage not in stages.STAGES:
-                raise ConfigError(f"profile '{profile.name}': overrides.{stage}: not a stage. "
+                raise ConfigError(f"{profile.where}: overrides.{stage}: not a stage. "
                                   f"Stages: {', '.join(stages.STAGES)}.")
-            data[stage] = {**(data.get(stage) or {}), **over}
+            section = data.get(stage)
+            if section is not None and not isinstance(section, dict):
+                raise ConfigError(f"{path}: {stage}: expected a mapping of settings, found "
+                                  f"{type(section).__name__}.")
+            data[stage] = {**(section or {}), **over}
+            overridden.update((stage, key) for key in over)
     try:
         recipe = recipe_model().model_validate(data)
     except ValidationError as e:
-        raise _explain(path, e) from None
-    _check_paths(path, recipe)
+        errors = e.errors()
+        theirs = [x for x in errors if tuple(x["loc"][:2]) in overridden]
+        ours = [x for x in errors if x not in theirs]
+        parts = ([str(_explain(profile.where, theirs, "overrides."))] if theirs else []) + \
+            ([str(_explain(path, ours))] if ours else [])
+        raise ConfigError("\n".join(parts)) from None
     if recipe.models.extra_teachers and recipe.distill.method != "ensemble":  # else trained for nothing
         raise ConfigError(f"{path}: models.extra_teachers: only distill.method 'ensemble' uses extra teachers, "
                           f"and the method is '{recipe.distill.method}'. Set distill.method: ensemble, or remove "
@@ -208,25 +251,90 @@ def load_recipe(path: Path, profile: Profile | None = None) -> RecipeBase:
     return recipe
 
 
-def _check_paths(path: Path, recipe: RecipeBase) -> None:
-    """Paths in a recipe are relative to the recipe file; a missing one fails now, not mid-run."""
-    base = path.resolve().parent
+def model_specs(recipe: RecipeBase) -> dict[str, ModelSpec]:
+    """Every model the recipe names, by its field."""
     specs = {"models.teacher": recipe.models.teacher, "models.student": recipe.models.student}
     specs.update({f"models.extra_teachers.{i}": s for i, s in enumerate(recipe.models.extra_teachers)})
-    for field, spec in specs.items():
+    return specs
+
+
+def check_paths(path: Path, recipe: RecipeBase) -> None:
+    """Paths in a recipe are relative to the recipe file; a missing one fails now, not mid-run. An ONNX model's
+    external weights must lie beside it: they are checked here, before any stage copies them."""
+    from pipeline.artifacts import check_external_data
+    base = path.resolve().parent
+    for field, spec in model_specs(recipe).items():
         for attr in ("checkpoint", "onnx"):
             value = getattr(spec, attr)
             if value is None:
                 continue
             full = value if value.is_absolute() else base / value
-            if not full.exists():
-                raise ConfigError(f"{path}: {field}.{attr}: '{value}' does not exist (resolved to {full}). "
+            if not _is_file(full):
+                what = "is not a regular file (a folder or a device)" if _exists(full) else "does not exist"
+                raise ConfigError(f"{path}: {field}.{attr}: '{value}' {what} (resolved to {full}). "
                                   f"Fix the path, or remove the key to train the model from scratch.")
+            if attr == "onnx":
+                try:
+                    check_external_data(full)
+                except ConfigError as e:
+                    raise ConfigError(f"{path}: {field}.onnx: {e}") from None
             setattr(spec, attr, full)
     if recipe.data.root is not None:
         root = recipe.data.root if recipe.data.root.is_absolute() else base / recipe.data.root
-        if not root.is_dir():
+        if not _is_dir(root):
             raise ConfigError(f"{path}: data.root: '{recipe.data.root}' is not a directory (resolved to {root}).")
         recipe.data.root = root
     elif recipe.data.kind == "imagefolder":
         raise ConfigError(f"{path}: data.root: required when data.kind is 'imagefolder'.")
+
+
+def num_classes(data: DataConfig, path: Path) -> int:
+    """The class count from a listing alone: 10 digits, or the class folders of data.root/train (else data.root),
+    found as pipeline/train/data.py finds them (torchvision's find_classes)."""
+    if data.kind == "digits":
+        return 10
+    from torchvision.datasets.folder import find_classes
+    assert data.root is not None  # check_paths requires it for imagefolder
+    root = data.root / "train" if _is_dir(data.root / "train") else data.root
+    try:
+        return len(find_classes(str(root))[0])
+    except (OSError, ValueError):  # FileNotFoundError: no class folders
+        raise ConfigError(f"{path}: data.root: {root} has no class sub-folders (expected e.g. "
+                          f"{root}/cat/*.png).") from None
+
+
+def check_model(path: Path, field: str, spec: ModelSpec, data: DataConfig, classes: int) -> None:
+    """Build a model spec once, cheaply (models.probe, models.probe_onnx), so a bad kwarg, a checkpoint that does not
+    fit or a wrong class count fails at load and not after the teacher has trained."""
+    from pipeline.train import models
+    try:
+        if spec.onnx is not None:
+            if field == "models.student":
+                raise ConfigError(f"{field}.onnx: only teachers can be ONNX files (the student is trained in "
+                                  f"PyTorch). Remove {field}.onnx.")
+            models.probe_onnx(spec.onnx, data.channels, classes, data.image_size, field=field)
+        else:
+            models.probe(spec, data.channels, classes, data.image_size, field=field)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
+        return False
+
+
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _is_dir(p: Path) -> bool:
+    try:
+        return p.is_dir()
+    except (OSError, ValueError):
+        return False

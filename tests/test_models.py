@@ -75,3 +75,89 @@ def test_mlp_flattens_any_input_and_its_hidden_layers_prune_and_export(tmp_path)
     assert [m.out_features for m in mlp.modules() if isinstance(m, nn.Linear)] == [16, 8, 5]  # classes kept
     export.torch2onnx(mlp, tmp_path / "mlp.onnx", (3, 4, 4), export.Config())
     assert (tmp_path / "mlp.onnx").stat().st_size > 0
+
+
+def _without_num_batches_tracked(state: dict) -> dict:
+    for k in [k for k in state if k.endswith("num_batches_tracked")]:
+        del state[k]
+    return state
+
+
+def test_a_checkpoint_from_before_num_batches_tracked_loads_by_pytorchs_rules(tmp_path):
+    # The layout of akamaster/pytorch_resnet_cifar10's resnet56.th: DataParallel keys, no num_batches_tracked
+    # (saved before PyTorch 0.4.1), inside {'state_dict': ..., 'best_prec1': ...}.
+    src = models.build(ModelSpec(arch="resnet", kwargs={"widths": [8, 16], "blocks": [1, 1]}), 3, 10, 8).eval()
+    state = _without_num_batches_tracked(src.state_dict())
+    assert not any("num_batches_tracked" in k for k in state) and any(".running_mean" in k for k in state)
+    ckpt = tmp_path / "resnet.th"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "best_prec1": 93.39}, ckpt)
+    spec = ModelSpec(arch="resnet", kwargs={"widths": [8, 16], "blocks": [1, 1]}, checkpoint=ckpt)
+    got = models.build(spec, 3, 10, 8).eval()
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(got(x), src(x))
+    assert int(got.stem[1].num_batches_tracked) == 0  # filled by BatchNorm's _load_from_state_dict
+    models.probe(spec, 3, 10, 8)  # the load-time check takes it too
+
+
+def test_a_real_mismatch_lists_missing_unexpected_and_wrongly_shaped_keys(tmp_path):
+    state = _without_num_batches_tracked(tiny_net(width=8).state_dict())  # filled: not reported as missing
+    state["extra.weight"] = state.pop("4.bias")
+    ckpt = tmp_path / "w.pt"
+    torch.save(state, ckpt)
+    with pytest.raises(ConfigError) as e:
+        models.load_checkpoint(tiny_net(width=4), ckpt)
+    assert (f"{ckpt}: does not fit the model architecture (missing from checkpoint: 4.bias | not in model: "
+            f"extra.weight | shape mismatch: 0.weight: checkpoint (8, 1, 3, 3) vs model (4, 1, 3, 3); ") in str(e.value)
+
+
+@pytest.mark.parametrize("payload, sentence", [
+    (b"", "is empty (0 bytes)"),
+    (b"hello, not a checkpoint\n", "cannot be read as a PyTorch checkpoint (24 bytes"),
+    (bytes(range(256)) * 8, "cannot be read as a PyTorch checkpoint (2,048 bytes"),
+    (__import__("pickle").dumps({"a": 1}), "cannot be read as a PyTorch checkpoint"),  # a pickle, but no globals
+], ids=["empty", "text", "bytes", "plain-pickle"])
+def test_bytes_that_are_not_a_checkpoint_are_named_as_such_not_as_code(tmp_path, payload, sentence):
+    ckpt = tmp_path / "w.pt"
+    ckpt.write_bytes(payload)
+    with pytest.raises(ConfigError) as e:
+        models.load_checkpoint(tiny_net(), ckpt)
+    assert str(e.value).startswith(f"{ckpt}: {sentence}") and "arbitrary code" not in str(e.value)
+
+
+def test_a_plain_pickle_naming_a_class_is_refused_as_code(tmp_path):
+    import pickle
+    ckpt = tmp_path / "w.pt"
+    ckpt.write_bytes(pickle.dumps({"0.weight": nn.ReLU()}))
+    with pytest.raises(ConfigError, match=r"names the Python object torch\.nn\.modules\.activation\.ReLU, and "
+                                          r"loading it would run arbitrary code"):
+        models.load_checkpoint(tiny_net(), ckpt)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused(tmp_path, bad):
+    state = tiny_net().state_dict()
+    state["4.weight"][1, 2] = bad
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(ConfigError, match=r"weights 4\.weight are not finite"):
+        models.load_checkpoint(tiny_net(), tmp_path / "w.pt")
+
+
+def test_a_state_dict_with_non_tensor_entries_is_refused(tmp_path):
+    torch.save({"epoch": 3, "model": tiny_net().state_dict()}, tmp_path / "w.pt")
+    with pytest.raises(ConfigError, match=r"'epoch' \(int\), 'model' \(OrderedDict\) is not a named tensor"):
+        models.load_checkpoint(tiny_net(), tmp_path / "w.pt")
+
+
+def test_probe_finds_bad_kwargs_and_head_size_without_moving_the_seeded_rng():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    models.probe(ModelSpec(arch="resnet18"), 1, 10, 32)
+    assert torch.equal(torch.rand(3), expected), "a load-time check must not shift the run's random draws"
+    with pytest.raises(ConfigError, match=r"^models\.student\.kwargs: arch 'mlp' with kwargs \{'nonsense': 1\} "
+                                          r"fails \(TypeError: "):
+        models.probe(ModelSpec(arch="mlp", kwargs={"nonsense": 1}), 1, 10, 8, field="models.student")
+    with pytest.raises(ConfigError, match=r"the model gives \(2, 3\) for a batch of 2, and the data needs \(2, 10\)"):
+        models.probe(ModelSpec(arch="tests.test_models:tiny_net"), 1, 10, 8)
+    with pytest.raises(ConfigError, match=r"fails on a batch of shape \(2, 3, 8, 8\)"):
+        models.probe(ModelSpec(arch="tests.test_models:tiny_net"), 3, 3, 8)  # a 1-channel first conv
