@@ -28,7 +28,7 @@ class Config(BaseModel, extra="forbid"):
     warmup: int = Field(20, ge=1, description="untimed runs first; the first one is reported as first_run_ms")
     min_runs: int = Field(200, ge=10, description="timed runs per session at least")
     min_duration_s: float = Field(1.0, ge=0, description="timed work per session at least")
-    max_duration_s: float = Field(60.0, gt=0, description="cap on the interleaved timing loop")
+    max_duration_s: float = Field(BenchSettings.max_duration_s, gt=0, description="cap on the interleaved timing loop")
     throughput_duration_s: float = Field(0.3, gt=0)
     energy_window_s: float = Field(1.0, gt=0, description="meters update slowly; a shorter window is noise")
     host_reference: bool = Field(True, description="also time on this host's CPU, labelled host, when the "

@@ -28,7 +28,7 @@ class BenchSettings:
     warmup: int = 20
     min_runs: int = 200
     min_duration_s: float = 1.0
-    max_duration_s: float = 30.0
+    max_duration_s: float = 60.0  # the one default: stages/benchmark.Config uses it
     throughput_duration_s: float = 0.3
     energy_window_s: float = 1.0
     threads: list[int] = field(default_factory=lambda: [1])
