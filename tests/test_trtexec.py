@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.device import trt_api, trtexec
+from pipeline.device import envinfo, trt_api, trtbench, trtexec
+from pipeline.device.envinfo import compute_capability
 from pipeline.device.trtexec import (
     EngineCache,
     EngineMismatchError,
@@ -426,3 +427,28 @@ def test_build_engine_dynamic_batch_needs_batch_range(tmp_path, monkeypatch):
     onnx.write_bytes(b"onnx bytes")
     with pytest.raises(ValueError, match=r"batch=\(min, opt, max\)"):
         trt_api.build_engine(onnx, EngineCache(tmp_path), compute_capability="8.7")
+
+
+# ---------------------------------------------------------------- the GPU's compute capability: one reading
+def test_compute_capability_is_the_drivers_answer_or_none():
+    cc = compute_capability()
+    smi = [g["compute_capability"] for g in envinfo.gpu_info()]
+    if smi:  # a GPU host: the driver API and nvidia-smi agree on device 0
+        assert cc == smi[0]
+    else:
+        assert cc is None
+
+
+@pytest.mark.skipif(compute_capability() is not None, reason="needs a host without a CUDA GPU")
+def test_engines_are_not_built_without_a_gpu_to_key_them(tmp_path, monkeypatch):
+    # trt_api and trtexec both ask envinfo.compute_capability before building, not torch or the trtexec log
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeTrt("10.3.0"))
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"onnx bytes")
+    with pytest.raises(RuntimeError, match="no CUDA GPU answered"):
+        trt_api.build_engine(onnx, EngineCache(tmp_path / "engines"), batch=(1, 1, 1))
+    log = FIXTURES / "trtexec-trt10.16-h100-fp32.log"  # what a real trtexec prints, --help included
+    monkeypatch.setenv("PATH", f"{fake_exe(tmp_path, f'cat {log}').parent}:/usr/bin:/bin")
+    with pytest.raises(RuntimeError, match="no CUDA GPU answered"):
+        trtbench.time_model(onnx, "fp32", "input", [1, 8, 8], tmp_path / "cache")
+    assert not (tmp_path / "engines").exists()

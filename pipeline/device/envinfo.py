@@ -65,6 +65,23 @@ def gpu_info() -> list[dict]:
     return [dict(zip(keys, (v.strip() for v in line.split(",")))) for line in out.splitlines() if line.strip()]
 
 
+def compute_capability() -> str | None:
+    """'8.7' for CUDA device 0, None where no driver or GPU answers. The one reading of it: TensorRT engines are
+    keyed by it (trtbench, trt_api). The driver API through ctypes: no torch or cuda-python on a device."""
+    import ctypes
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    dev, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76 (cuda.h); a non-zero result is an error
+    if cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(dev), 0) \
+            or cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, dev) \
+            or cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev):
+        return None
+    return f"{major.value}.{minor.value}"
+
+
 def describe(kind: str) -> dict:
     """`where` of a row: host or device, with the machine's name, CPU and runtime versions."""
     import onnxruntime as ort

@@ -73,7 +73,7 @@ def measure(entries: list[ModelEntry], providers: list[str], s: BenchSettings, x
                     rows.append(skipped(e, prov, where, str(why)))
                     timed = []
                     break
-                timed.append(Timed(f"{e.name}|{prov}|{t}", sess, feed(sess, x[:1])))
+                timed.append(Timed(f"{e.name}|{prov}|{t}", sess, feed(sess, x[:1]), threads=t))
             if timed:
                 groups[(e.name, prov)] = timed
     live = [t for ts in groups.values() for t in ts]
@@ -83,10 +83,9 @@ def measure(entries: list[ModelEntry], providers: list[str], s: BenchSettings, x
     for (name, prov), timed in groups.items():
         e = by_name[name]
         best = min(timed, key=lambda t: float(np.median(t.samples)))
-        threads = int(best.key.rsplit("|", 1)[1])
-        row = {**base_row(e, prov, where), "status": "measured", "batch": 1, "threads": threads,
+        row = {**base_row(e, prov, where), "status": "measured", "batch": 1, "threads": best.threads,
                "latency_ms": stats(best.samples), "first_run_ms": best.first_run_ms,
-               "p50_by_threads": {t.key.rsplit("|", 1)[1]: float(np.median(t.samples)) for t in timed},
+               "p50_by_threads": {str(t.threads): float(np.median(t.samples)) for t in timed},
                "latency_source": f"measured: onnxruntime {prov}, {len(best.samples)} timed runs, interleaved"}
         if prov == "TensorrtExecutionProvider":  # the first run built the engine: build time, not latency
             row["build_time_s"] = best.first_run_ms / 1e3

@@ -85,12 +85,13 @@ def stats(samples_ms: list[float]) -> dict[str, float]:
 
 @dataclass
 class Timed:
-    key: str
+    key: str                  # a label for logs
     sess: Any
     inputs: dict[str, np.ndarray]
     samples: list[float] = field(default_factory=list)
     first_run_ms: float = 0.0
     busy_s: float = 0.0
+    threads: int = 1          # the session's intra-op threads: the row reports the fastest
 
 
 def time_interleaved(entries: list[Timed], warmup: int, min_runs: int, min_duration_s: float,

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .trtbench import gpu_capability
 from .trtexec import EngineCache, TrtVersion, precision_flags, sha256_file, supports_mem_pool_size
 
 _INSTALL_HINT = ("Install TensorRT's Python bindings: on a Jetson they come with JetPack "
@@ -27,7 +28,7 @@ def build_engine(onnx_path: str | Path, cache: EngineCache, *, precision: str = 
     """
     trt = _import_tensorrt()
     version = TrtVersion.parse(trt.__version__)
-    cc = compute_capability or _compute_capability()
+    cc = compute_capability or gpu_capability()
     key = dict(onnx_sha256=sha256_file(onnx_path), precision=precision, trt_version=version,
                compute_capability=cc, extra={"batch": list(batch) if batch else None,
                                              "strongly_typed": strongly_typed})
@@ -150,24 +151,3 @@ def _add_batch_profile(trt: Any, builder: Any, network: Any, config: Any,
         dynamic = True
     if dynamic:
         config.add_optimization_profile(profile)
-
-
-def _compute_capability() -> str:
-    """'8.7' for device 0, via torch or cuda-python, whichever is installed."""
-    try:
-        import torch
-        if torch.cuda.is_available():
-            return "%d.%d" % torch.cuda.get_device_capability(0)
-    except ImportError:
-        pass
-    try:
-        from cuda import cudart  # cuda-python
-        attr = cudart.cudaDeviceAttr
-        err, major = cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, 0)
-        err2, minor = cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, 0)
-        if err != cudart.cudaError_t.cudaSuccess or err2 != cudart.cudaError_t.cudaSuccess:
-            raise RuntimeError(f"CUDA cannot query device 0 ({err}); is a GPU visible?")
-        return f"{major}.{minor}"
-    except ImportError as e:
-        raise RuntimeError("Cannot read the GPU's compute capability: install torch or cuda-python, "
-                           "or pass compute_capability='8.7'.") from e

@@ -6,18 +6,26 @@ times them: an engine from another TensorRT or GPU is refused, never reused.
 """
 from __future__ import annotations
 
-import json
-import re
 import subprocess
 from pathlib import Path
 
 from . import trtexec as tx
+from .envinfo import compute_capability
 
 
 def trt_version(exe: str) -> tx.TrtVersion:
     """Ask trtexec itself: every run, --help included, prints `&&&& RUNNING TensorRT.trtexec [TensorRT vNNNN]`."""
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     return tx.TrtVersion.parse(out.stdout + out.stderr)
+
+
+def gpu_capability() -> str:
+    """envinfo.compute_capability(), or RuntimeError (a skipped row's reason) where no GPU answers."""
+    cc = compute_capability()
+    if cc is None:
+        raise RuntimeError("no CUDA GPU answered here (libcuda.so.1 missing, or no device 0): TensorRT engines are "
+                           "built and keyed per GPU")
+    return cc
 
 
 def _stats_row(res: tx.TrtexecResult, batch: int) -> dict:
@@ -42,17 +50,12 @@ def time_model(onnx: Path, precision: str, input_name: str, input_shape: list[in
     exe = tx.find_trtexec()
     if exe is None:
         raise RuntimeError(tx.trt_status()[1])
-    version = trt_version(exe)
+    version, cc = trt_version(exe), gpu_capability()
     cache = tx.EngineCache(cache_dir)
     shapes = {input_name: [1, *input_shape]}
     sha = tx.sha256_file(onnx)
-    known = cache_dir / "device.json"  # compute capability, learned from the first build's log
-    engine = None
-    if known.exists():
-        dev = json.loads(known.read_text())
-        if dev.get("trt_version") == str(version):
-            engine = cache.lookup(onnx_sha256=sha, precision=precision, trt_version=version,
-                                  compute_capability=dev["compute_capability"], extra={"shapes": shapes})
+    engine = cache.lookup(onnx_sha256=sha, precision=precision, trt_version=version, compute_capability=cc,
+                          extra={"shapes": shapes})
     common = dict(shapes=shapes, warmup_ms=warmup_ms, duration_s=duration_s, use_spin_wait=True, trtexec=exe)
     if engine is not None:
         argv = tx.build_command(version, load_engine=engine, **common)
@@ -65,15 +68,14 @@ def time_model(onnx: Path, precision: str, input_name: str, input_shape: list[in
     if not res.passed:
         raise RuntimeError(f"trtexec {res.status}: {res.error_summary or 'see ' + str(log)}")
     if engine is None:
-        cc = res.compute_capability
-        if not cc or not re.fullmatch(r"\d+\.\d+", cc):
-            raise RuntimeError(f"trtexec log has no compute capability; cannot key the engine ({log})")
-        known.write_text(json.dumps({"trt_version": str(version), "compute_capability": cc, "device": res.device}))
+        if res.compute_capability not in (None, cc):  # trtexec built on another GPU than device 0 (--device?)
+            raise RuntimeError(f"trtexec built for compute capability {res.compute_capability}, CUDA device 0 "
+                               f"is {cc}: the engine cannot be keyed; see {log}")
         cache.store(tmp, onnx_sha256=sha, precision=precision, trt_version=version, compute_capability=cc,
                     extra={"shapes": shapes})
         tmp.unlink(missing_ok=True)
     return {**_stats_row(res, 1), "build_time_s": res.engine_build_s, "trt_version": str(version),
-            "gpu": res.device, "compute_capability": res.compute_capability, "engine_reused": engine is not None,
+            "gpu": res.device, "compute_capability": cc, "engine_reused": engine is not None,
             "command": " ".join(argv), "log": log.name}
 
 
