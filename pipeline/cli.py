@@ -144,9 +144,16 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")] = Pa
         fail(str(e), 3)
 
 
-def _run_profile(run_dir: Path) -> str:
-    """The profile a run was made with (edge-cpu when unreadable: the command then reports the run as unusable)."""
+def _run_profile(run_dir: Path):
+    """The profile a run was made with, as stored in run_dir/profile.json (a profile given as a YAML path has no
+    name to look up); else the name in report.json, else edge-cpu: the command then reports what is unusable."""
     import json
+
+    from pipeline.config import Profile
+    try:
+        return Profile.model_validate(json.loads((run_dir / "profile.json").read_text()))
+    except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
+        pass
     try:
         return json.loads((run_dir / "report.json").read_text())["profile"]["name"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -157,19 +164,23 @@ def _run_profile(run_dir: Path) -> str:
 def gate(run_dir: Annotated[Path, typer.Argument(help="a run directory")] = Path("runs/latest"),
          profile: Annotated[Optional[str], typer.Option(help="budgets to check; default: the run's profile")] = None,
          allow_estimates: Annotated[bool, typer.Option(help="let estimates and host figures pass, labelled")] = False,
-         junit: Annotated[Optional[Path], typer.Option(help="also write JUnit XML here")] = None,
+         junit: Annotated[Optional[Path], typer.Option(help="also write JUnit XML here (exit 3 when it cannot "
+                                                            "be written)")] = None,
          as_json: Annotated[bool, typer.Option("--json", help="print the verdict as JSON")] = False) -> None:
     """Check the profile's budgets: exit 0 met, 1 missed, 2 no measurement on the target, 3 unusable input."""
     from pipeline.report.gate import gate as check
     from pipeline.report.gate import write_junit
     verdict = check(run_dir, profile or _run_profile(run_dir), allow_estimates=allow_estimates)
-    if junit is not None:
-        write_junit(verdict, junit)
     if as_json:
         typer.echo(verdict.to_json())
     else:
         color = {0: "green", 1: "red", 2: "yellow", 3: "red"}[verdict.code]
         console.print(verdict.text(), style=color, highlight=False, soft_wrap=True, markup=False)
+    if junit is not None:
+        try:
+            write_junit(verdict, junit)
+        except ConfigError as e:  # CI reads the XML: without it the verdict cannot be trusted, so unusable
+            fail(str(e), 3)
     raise typer.Exit(verdict.code)
 
 

@@ -20,7 +20,8 @@ from rich.table import Table
 from pipeline.artifacts import is_candidate
 from pipeline.config import RECIPES_DIR, load_profile, load_recipe
 from pipeline.errors import ConfigError, StageError
-from pipeline.report.build import best_row, noise_margin_ms
+from pipeline.report.budgets import noise_margin_ms
+from pipeline.report.build import best_row
 
 BENCH_RECIPE = RECIPES_DIR / "digits-64.yaml"
 # issue 3, "Targets on this machine"

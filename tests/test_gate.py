@@ -268,3 +268,70 @@ def test_energy_provenance_is_the_energy_how_field_not_the_text(tmp_path):
     rows[1].update(energy_how="measured", energy_source="estimated-looking text")
     run = write(tmp_path, crafted_report(rows=rows))
     assert gate(run, load_profile(str(path))).code == 0
+
+
+# ---------------------------------------------------------------- hardening: unusable input is exit 3, in one sentence
+def test_a_row_without_latency_std_is_unusable_not_missed(tmp_path):
+    """The noise margin needs std: without it the gate raised KeyError (exit 1, read as 'missed')."""
+    report = crafted_report()
+    del report["rows"][1]["latency_ms"]["std"]
+    run = write(tmp_path, report)
+    v = gate(run, "edge-cpu")
+    assert v.code == 3 and "'std' is a required property" in v.notes[0] and "pipeline run" in v.notes[0]
+    res = cli.invoke(app, ["gate", str(run), "--profile", "edge-cpu"])
+    assert res.exit_code == 3 and "Traceback" not in res.output
+
+
+def _failed_record(run: Path, **top) -> None:
+    stages = {"teacher": {"status": "ok"}, "quantize": {"status": "failed", "error": "RuntimeError: boom"}}
+    (run / "run.json").write_text(json.dumps({"run_id": run.name, **top, "stages": stages}))
+
+
+@pytest.mark.parametrize("top", [{"status": "failed", "failed_stage": "quantize"}, {}])
+def test_a_failed_run_is_refused_though_its_old_report_passes(tmp_path, top):
+    run = write(tmp_path, crafted_report())
+    assert gate(run, "edge-cpu").code == 0  # the old report.json on its own passes
+    _failed_record(run, **top)
+    v = gate(run, "edge-cpu")
+    assert v.code == 3 and "failed at stage 'quantize'" in v.notes[0] and "pipeline run --resume" in v.notes[0]
+    res = cli.invoke(app, ["gate", str(run), "--profile", "edge-cpu"])
+    assert res.exit_code == 3 and "failed at stage 'quantize'" in res.stdout
+    res = cli.invoke(app, ["report", str(run)])
+    assert res.exit_code == 3 and "failed at stage 'quantize'" in res.stderr
+    assert not (run / "report.md").exists()
+    res = cli.invoke(app, ["ship", str(run), "--profile", "edge-cpu", "--out", str(tmp_path / "dist")])
+    assert res.exit_code == 3 and "failed at stage 'quantize'" in res.stderr  # ship reads through the same check
+
+
+def test_a_report_moved_aside_is_missing_and_says_so(tmp_path):
+    run = write(tmp_path, crafted_report())
+    (run / "report.json").rename(run / "report.stale.json")
+    (run / "run.json").write_text(json.dumps({"status": "ok", "stages": {}}))
+    v = gate(run, "edge-cpu")
+    assert v.code == 3 and "report.stale.json" in v.notes[0] and "--resume" in v.notes[0]
+
+
+def test_gate_without_profile_uses_the_profile_stored_in_the_run(tmp_path):
+    """A run made with --profile some/path.yaml: its name is no profile in profiles/, its profile.json is."""
+    path = profile_file(tmp_path, name="edge-cpu-energy", max_energy_mj=1.0)
+    prof = load_profile(str(path))
+    rows = [row("t.onnx", "teacher", acc=0.97), row("s.onnx", "student", energy=0.5)]
+    report = crafted_report(rows=rows)
+    report["profile"].update(name=prof.name, budgets=prof.budgets.model_dump())
+    run = write(tmp_path, report)
+    (run / "profile.json").write_text(prof.model_dump_json())
+    res = cli.invoke(app, ["gate", str(run), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["profile"] == "edge-cpu-energy"
+    assert {c["budget"]: c["status"] for c in out["cases"]}["max_energy_mj"] == "passed"  # edge-cpu: not set
+
+
+def test_junit_to_an_unwritable_path_is_exit_3_in_one_sentence(tmp_path):
+    run = write(tmp_path, crafted_report())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    res = cli.invoke(app, ["gate", str(run), "--profile", "edge-cpu", "--junit", str(blocker / "gate.xml")])
+    assert res.exit_code == 3, res.output
+    assert f"--junit {blocker / 'gate.xml'}: cannot write it" in res.stderr and "Traceback" not in res.output
+    assert "exit 3 when it cannot be written" in cli.invoke(app, ["gate", "--help"], env={"COLUMNS": "300"}).stdout

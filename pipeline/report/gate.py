@@ -153,6 +153,12 @@ def _same_target(report: dict, prof: Profile) -> None:
 
 
 def write_junit(verdict: Verdict, path: Path) -> None:
+    """Write the JUnit XML; ConfigError (unusable input, exit 3) when the path cannot be written."""
     from pipeline.artifacts import atomic_write_text
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(path), verdict.junit())
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, verdict.junit())
+    except OSError as e:
+        raise ConfigError(f"--junit {path}: cannot write it ({e.strerror or type(e).__name__}); give a path in a "
+                          f"writable directory.") from None

@@ -15,6 +15,7 @@ from pipeline.report.build import SCHEMA_VERSION
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "report.schema.json"
 MAX_LISTED = 8  # errors listed in a message; the rest are counted
+STALE = "report.stale.json"  # where the runner moves report.json when a stage of a resumed run fails
 
 
 @lru_cache(maxsize=1)
@@ -43,7 +44,8 @@ def validate(report: dict) -> None:
     found = errors(report)
     if found:
         more = f"\n  ... and {len(found) - MAX_LISTED} more" if len(found) > MAX_LISTED else ""
-        raise ConfigError("report.json does not follow pipeline/report/report.schema.json:\n  "
+        raise ConfigError("report.json does not follow pipeline/report/report.schema.json (written by another "
+                          "version, or edited; run the pipeline again with this version: `pipeline run`):\n  "
                           + "\n  ".join(found[:MAX_LISTED]) + more)
 
 
@@ -53,9 +55,11 @@ def load(run_dir: Path) -> dict:
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: no such run directory. Runs live in runs/<id>/ (runs/latest is the "
                           f"newest); start one with `pipeline run`.")
+    _refuse_failed(run_dir)
     path = run_dir / "report.json"
     if not path.is_file():
-        raise ConfigError(f"{path}: missing. The run did not reach its report stage; finish it with "
+        stale = " (report.stale.json is an earlier attempt's, not this run's)" if (run_dir / STALE).is_file() else ""
+        raise ConfigError(f"{path}: missing{stale}. The run did not reach its report stage; finish it with "
                           f"`pipeline run --resume` (or `make pipeline RESUME=1`).")
     try:
         report = json.loads(path.read_text())
@@ -63,3 +67,24 @@ def load(run_dir: Path) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({e}). Rerun the report stage: `pipeline run --resume`.") from None
     validate(report)
     return report
+
+
+def _refuse_failed(run_dir: Path) -> None:
+    """A run whose last attempt failed has no current report, whatever report.json still says."""
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}); the run's record is damaged. Run the pipeline again: "
+                          f"`pipeline run`.") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path}: expected an object at the top level; run the pipeline again: `pipeline run`.")
+    stages = record.get("stages") if isinstance(record.get("stages"), dict) else {}
+    failed = [n for n, s in stages.items() if isinstance(s, dict) and s.get("status") == "failed"]
+    if record.get("status") == "failed" or failed:
+        stage = record.get("failed_stage") or (failed[0] if failed else "unknown")
+        raise ConfigError(f"{run_dir}: the run failed at stage '{stage}' (run.json), so its report is not this "
+                          f"run's; fix the cause and finish it with `pipeline run --resume` (or `make pipeline "
+                          f"RESUME=1`).")
