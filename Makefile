@@ -21,7 +21,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $@
 
+# `pipeline check` first: a bad file, model or device fails in seconds, not mid-run
 pipeline: $(STAMP)
+	$(BIN)/pipeline check --profile $(PROFILE) --recipe $(RECIPE)
 	$(BIN)/pipeline run --profile $(PROFILE) --recipe $(RECIPE) --nproc $(NPROC) $(if $(filter 1,$(RESUME)),--resume,)
 
 # System tools the tests use for real: an OpenSSH server (shipping, device runner) and Chromium (report render).

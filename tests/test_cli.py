@@ -51,3 +51,14 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_resume_without_a_run_is_a_clear_error(tmp_path):
     res = runner.invoke(app, ["run", "--resume", "--runs-dir", str(tmp_path)])
     assert res.exit_code == 2 and "No run to resume" in res.stderr
+
+
+def test_check_lists_every_check_and_exits_2_on_a_bad_recipe(tmp_path):
+    data = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    data["models"]["student"]["kwargs"] = {"nonsense": 1}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    res = runner.invoke(app, ["check", "--recipe", str(bad)], env={"PIPELINE_DEVICE": ""})
+    assert res.exit_code == 2
+    assert f"FAIL  models.student: {bad}: models.student.kwargs: arch 'mlp'" in res.stdout
+    assert "ok    models.teacher:" in res.stdout and "Traceback" not in res.stdout + res.stderr

@@ -69,3 +69,67 @@ def test_not_a_mapping(tmp_path):
     p.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_profile(str(p))
+
+
+@pytest.mark.parametrize("name, ok", [("digits-64", True), ("cifar10_v2.1", True), ("../evil", False),
+                                      ("a/b", False), ("a..b", False), (".hidden", False), ("x y", False),
+                                      ("", False), ("n" * 65, False), ("é", False)])
+def test_recipe_and_profile_names_must_be_safe_run_directory_names(tmp_path, name, ok):
+    recipe = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    profile = yaml.safe_load(open("profiles/edge-cpu.yaml"))
+    recipe["name"] = profile["name"] = name
+    for load, data in ((load_recipe, recipe), (load_profile, profile)):
+        path = _write(tmp_path, "x.yaml", data)
+        if ok:
+            assert load(path).name == name
+        else:
+            with pytest.raises(ConfigError, match=r"  name: Value error, it names the run directory: use 1 to 64 "
+                                                  r"letters, digits and \. _ -"):
+                load(path)
+
+
+def test_an_override_error_names_the_profile_file_and_a_recipe_error_the_recipe(tmp_path):
+    profile = yaml.safe_load(open("profiles/edge-cpu.yaml"))
+    profile["overrides"]["quantize"] = {"preset": "ort-gpu-fast"}
+    prof = load_profile(_write(tmp_path, "p.yaml", profile))
+    recipe = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    recipe["distill"]["alpah"] = 0.5
+    with pytest.raises(ConfigError) as e:
+        load_recipe(_write(tmp_path, "r.yaml", recipe), prof)
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"{tmp_path / 'p.yaml'}: 1 invalid setting(s):"
+    assert lines[1].startswith("  overrides.quantize.preset: Input should be ")
+    assert lines[2] == f"{tmp_path / 'r.yaml'}: 1 invalid setting(s):"
+    assert lines[3].startswith("  distill.alpah: unknown key")
+
+
+def test_an_override_of_a_section_that_is_not_a_mapping_is_an_error(tmp_path):
+    recipe = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    recipe["quantize"] = 5
+    with pytest.raises(ConfigError, match=r"r\.yaml: quantize: expected a mapping of settings, found int"):
+        load_recipe(_write(tmp_path, "r.yaml", recipe), load_profile("edge-cpu"))
+
+
+def test_model_kwargs_are_checked_at_load_naming_the_field(tmp_path):
+    recipe = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    recipe["models"]["student"]["kwargs"] = {"nonsense": 1}
+    path = _write(tmp_path, "r.yaml", recipe)
+    with pytest.raises(ConfigError, match=rf"^{path}: models\.student\.kwargs: arch 'mlp' with kwargs"):
+        load_recipe(path)
+
+
+def test_an_image_folder_without_class_folders_fails_at_load(tmp_path):
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.png").write_bytes(b"")
+    recipe = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    recipe["data"] = {"kind": "imagefolder", "root": "flat"}
+    with pytest.raises(ConfigError, match=r"data\.root: .*flat has no class sub-folders"):
+        load_recipe(_write(tmp_path, "r.yaml", recipe))
+
+
+def test_a_checkpoint_that_is_a_folder_is_not_a_file(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    recipe = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    recipe["models"]["teacher"]["checkpoint"] = "ckpt"
+    with pytest.raises(ConfigError, match=r"models\.teacher\.checkpoint: 'ckpt' is not a regular file"):
+        load_recipe(_write(tmp_path, "r.yaml", recipe))
