@@ -11,7 +11,6 @@ from pipeline.device.energy import (
     NvmlMeter,
     RaplMeter,
     TegrastatsMeter,
-    estimate_energy_mj,
     input_rails,
     measure_energy,
     parse_jetson_clocks_show,
@@ -265,15 +264,6 @@ def test_query_jetson_state_runs_nvpmodel(tmp_path: Path, monkeypatch: pytest.Mo
     state = query_jetson_state()
     assert (state["nvpmodel"]["mode_name"], state["nvpmodel"]["mode_id"]) == ("5W", 1)
     assert state["jetson_clocks"] == {"reason": "`jetson_clocks` is not on PATH (not a Jetson)"}
-
-
-def test_estimate_is_labelled_and_carries_its_inputs() -> None:
-    mj, formula = estimate_energy_mj(15.0, 1.234, latency_source="measured p50 on host")
-    assert mj == pytest.approx(18.51)
-    assert formula == "estimated: 15.0 W (profile power_w) × 1.234 ms (measured p50 on host) = 18.5 mJ"
-    assert estimate_energy_mj(25, 49.38)[1].endswith("= 1234 mJ")
-    with pytest.raises(ValueError, match="latency_ms must be a positive number"):
-        estimate_energy_mj(15.0, 0.0)
 
 
 @pytest.mark.gpu

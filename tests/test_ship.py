@@ -132,6 +132,24 @@ def test_engines_built_as_the_device_readme_says_leave_the_bundle_verified(shipp
     assert mf.check(folder, {"onnxruntime": None})[0] == []
 
 
+def test_the_device_readme_builds_engines_with_the_flags_of_each_tensorrt(shippable):
+    run = shippable[0]
+    report, splits = (json.loads((run / f).read_text()) for f in ("report.json", "splits.json"))
+    m = {"name": "s.onnx", "file": "models/s.onnx", "precision": "fp32", "opset": 18,
+         "inputs": [{"name": "input", "dtype": "float32", "shape": ["n", 1, 8, 8]}]}
+    models = [m, {**m, "name": "s.fp16.onnx", "precision": "fp16"}, {**m, "name": "s.int8.onnx", "precision": "int8"}]
+    readme = ship_mod._readme("b", report, load_profile("jetson"), models, splits)
+    head, _, trt11 = readme.partition("TensorRT 11 and later")
+
+    def lines(text: str) -> list[list[str]]:
+        return [ln.split() for ln in text.splitlines() if ln.startswith("    trtexec ")]
+    assert [ln[3:-1] for ln in lines(head)] == [[], ["--fp16"], ["--int8", "--fp16"]]  # 8.x to 10.x
+    assert [ln[3:-1] for ln in lines(trt11.partition("## 3.")[0])] == [[], [], []]  # 11 removed both flags
+    assert all(ln[-1] == "--shapes=input:1x1x8x8" for ln in lines(readme))
+    fp32_only = ship_mod._readme("b", report, load_profile("jetson"), [m], splits)
+    assert "TensorRT 11" not in fp32_only and len(lines(fp32_only)) == 1  # one form serves every version
+
+
 def test_another_onnxruntime_is_a_warning_not_a_failure(shippable):
     problems, warnings = mf.check(shippable[2], {"onnxruntime": "0.1.0"})
     assert problems == [] and "onnxruntime 0.1.0" in warnings[0]

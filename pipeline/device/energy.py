@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import math
 import re
 import shutil
 import subprocess
@@ -373,26 +372,3 @@ def measure_energy(fn: Callable[[], object], meter: Meter, min_window_s: float) 
     joules = meter.stop()
     return {"joules": joules, "calls": calls, "seconds": seconds,
             "mj_per_call": joules * 1000 / calls, "meter": meter.name}
-
-
-def estimate_energy_mj(power_w: float, latency_ms: float,
-                       latency_source: str = "latency given by the caller",
-                       power_source: str = "profile power_w") -> tuple[float, str]:
-    """Fallback when no meter is usable: power x latency, with a formula that says it is an estimate.
-
-    W x ms = mJ. Name where the latency came from (e.g. "measured p50 on host"): a host latency
-    times a device power is not the device's energy, and the report should say so.
-    """
-    for label, value in (("power_w", power_w), ("latency_ms", latency_ms)):
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{label} must be a positive number, got {value}")
-    mj = power_w * latency_ms
-    formula = (f"estimated: {float(power_w)!r} W ({power_source}) × {float(latency_ms)!r} ms "
-               f"({latency_source}) = {_three_digits(mj)} mJ")
-    return mj, formula
-
-
-def _three_digits(x: float) -> str:
-    """About three significant digits, never in exponent notation (18.51 -> '18.5', 1234.5 -> '1234')."""
-    decimals = max(0, 2 - math.floor(math.log10(abs(x))))
-    return f"{x:.{decimals}f}"

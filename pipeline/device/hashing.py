@@ -1,5 +1,6 @@
 """sha256 of files and streams: the one definition for the host (artifacts, engine keys) and the device
-(manifest checks). Standard library only, like the rest of this folder, and imports nothing of it."""
+(manifest checks). Standard library only and importing nothing of this folder, so that verify runs on a device
+that has only Python; the runner and the benchmarks in this folder also need numpy and onnxruntime."""
 from __future__ import annotations
 
 import hashlib

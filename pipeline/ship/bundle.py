@@ -30,6 +30,7 @@ from pipeline.artifacts import files
 from pipeline.config import DataConfig, Profile, load_profile
 from pipeline.device import manifest as mf
 from pipeline.device.measure import BenchSettings
+from pipeline.device.trtexec import TrtVersion, precision_flags
 from pipeline.errors import ConfigError
 from pipeline.report import schema as reportschema
 from pipeline.report.gate import UNUSABLE, gate
@@ -223,9 +224,13 @@ def _readme(name: str, report: dict, prof: Profile, models: list[dict], splits: 
                   "sidecar .json naming the TensorRT version and GPU; it never reuses one built for another. "
                   "To build one by hand (trtexec is at /usr/src/tensorrt/bin/trtexec on JetPack), keep it "
                   "outside the bundle too: verify refuses any file the manifest does not list.", ""]
-        flags = {"fp32": "", "fp16": " --fp16", "int8": " --int8 --fp16"}
-        lines += [f"    trtexec --onnx={x['file']} --saveEngine=../{Path(x['name']).stem}.engine"
-                  f"{flags.get(x['precision'], '')} --shapes={inp['name']}:{shape}" for x in models]
+        old, new = (_trtexec_lines(models, f"{inp['name']}:{shape}", TrtVersion(v, 0)) for v in (10, 11))
+        if old != new:
+            lines += ["TensorRT 8.x to 10.x (trtexec prints its version first, e.g. `[TensorRT v100300]`):", ""]
+        lines += old
+        if old != new:
+            lines += ["", "TensorRT 11 and later removed --fp16 and --int8: the precision comes from the ONNX "
+                      "itself (FP16 weights, Q/DQ nodes):", "", *new]
         lines += ["", "INT8 models carry their Q/DQ scales in the ONNX; no calibration cache is needed.", ""]
     lines += [f"## {3 if prof.target.tensorrt else 2}. Benchmark", "",
               f"    {shlex.join(device_command('python3', 'runner', '.'))}", "",
@@ -238,6 +243,12 @@ def _readme(name: str, report: dict, prof: Profile, models: list[dict], splits: 
               f"channel(s); then (x - mean) / std per channel with mean {pre.get('mean')} and std {pre.get('std')}.",
               ""]
     return "\n".join(lines)
+
+
+def _trtexec_lines(models: list[dict], shapes: str, trt: TrtVersion) -> list[str]:
+    """README lines that build each model's engine by hand, with the precision flags trtexec.py uses for `trt`."""
+    return ["    " + shlex.join(["trtexec", f"--onnx={x['file']}", f"--saveEngine=../{Path(x['name']).stem}.engine",
+                                 *precision_flags(trt, x["precision"]), f"--shapes={shapes}"]) for x in models]
 
 
 def _pack(stage: Path, dest: Path, created: str | None) -> None:

@@ -1,4 +1,4 @@
-"""Run commands on an edge device and copy files to and from it, over OpenSSH.
+"""Run commands on an edge device and copy files to it, over OpenSSH.
 
 We drive the system `ssh` and `scp` binaries rather than a Python SSH library: they honour the
 user's ~/.ssh/config (jump hosts, agents) and need no extra dependency. Host keys are always
@@ -147,15 +147,6 @@ def put(remote: Remote, local_paths: Sequence[str | Path], remote_dir: str, time
     _check_scp_path(target)
     run(remote, ["mkdir", "-p", "--", target], timeout=timeout)
     _scp(remote, [*sources, _scp_remote(remote, target + "/")], timeout)
-
-
-def get(remote: Remote, remote_path: str, local_path: str | Path, timeout: float = 600.0) -> None:
-    """Copy a file or directory (recursively) from the device, with scp's rules for `local_path`."""
-    source = resolve_path(remote, remote_path)
-    _check_scp_path(source)
-    local = os.path.abspath(local_path)  # absolute, so scp cannot read it as host:path
-    Path(local).parent.mkdir(parents=True, exist_ok=True)
-    _scp(remote, [_scp_remote(remote, source), local], timeout)
 
 
 def resolve_path(remote: Remote, path: str) -> str:
