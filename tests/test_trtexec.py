@@ -452,3 +452,18 @@ def test_engines_are_not_built_without_a_gpu_to_key_them(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="no CUDA GPU answered"):
         trtbench.time_model(onnx, "fp32", "input", [1, 8, 8], tmp_path / "cache")
     assert not (tmp_path / "engines").exists()
+
+
+@pytest.mark.skipif(compute_capability() is not None, reason="needs a host without a CUDA GPU")
+def test_without_trtexec_the_device_rows_go_through_the_python_api(tmp_path, monkeypatch):
+    # the tensorrt module imports, trtexec is nowhere: rows come from trt_api (here: skipped, no GPU to build
+    # for), not a "skipped" that only repeats trt_status's "found the Python module"
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(trtexec, "JETPACK_TRTEXEC", tmp_path / "missing" / "trtexec")
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeTrt("10.3.0"))
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"onnx bytes")
+    model = SimpleNamespace(name="m.onnx", path=onnx, precision="fp16", meta={})
+    (row,) = trtbench.rows([model], {"kind": "device"}, "input", [1, 8, 8], tmp_path / "cache", log=lambda _m: None)
+    assert (row["backend"], row["provider"], row["status"]) == ("tensorrt", "tensorrt-python-api", "skipped")
+    assert "no CUDA GPU answered" in row["reason"]

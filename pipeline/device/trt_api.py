@@ -1,5 +1,7 @@
 """Build and time TensorRT engines through the `tensorrt` Python API (8.x, 10.x, 11.x; timing 8.5+).
 
+The device runner's TensorRT rows use it where `tensorrt` imports but there is no trtexec (trtbench.rows).
+
 `tensorrt`, `torch` and `cuda` are imported inside the functions: this folder is copied to
 Jetsons on its own and must import with only the stdlib and numpy present.
 """
@@ -122,8 +124,9 @@ def time_engine(engine_path: str | Path, *, shapes: Mapping[str, Sequence[int]] 
             if i >= warmup:  # warm up first: clocks ramp and lazy allocations happen on early runs
                 times.append(start.elapsed_time(end))
     t = np.asarray(times)
-    return {"mean": float(t.mean()), "median": float(np.median(t)), "min": float(t.min()),
-            "max": float(t.max()), "p90": float(np.percentile(t, 90)), "p99": float(np.percentile(t, 99))}
+    return {"n": len(t), "mean": float(t.mean()), "std": float(t.std()), "median": float(np.median(t)),
+            "min": float(t.min()), "max": float(t.max()),
+            **{f"p{q}": float(np.percentile(t, q)) for q in (90, 95, 99)}}
 
 
 def _import_tensorrt() -> Any:

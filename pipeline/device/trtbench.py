@@ -1,11 +1,13 @@
-"""Native TensorRT rows through trtexec: build (or reuse a matching cached engine), time, parse.
+"""Native TensorRT rows through trtexec (or, without it, TensorRT's Python API): build or reuse, time, parse.
 
-Runs where TensorRT is (the device, or a GPU host); stdlib only. Engines are keyed by the ONNX sha256,
-precision, TensorRT version and compute capability (trtexec.EngineCache), and built on the machine that
-times them: an engine from another TensorRT or GPU is refused, never reused.
+Runs where TensorRT is (the device, or a GPU host); stdlib only for trtexec (trt_api, used where there is no
+trtexec, needs numpy and torch). Engines are keyed by the ONNX sha256, precision, TensorRT version and compute
+capability (trtexec.EngineCache), and built on the machine that times them: an engine from another TensorRT or
+GPU is refused, never reused.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -79,26 +81,44 @@ def time_model(onnx: Path, precision: str, input_name: str, input_shape: list[in
             "command": " ".join(argv), "log": log.name}
 
 
+def time_model_api(onnx: Path, precision: str, input_name: str, input_shape: list[int], cache_dir: Path) -> dict:
+    """time_model's figures through the TensorRT Python API (trt_api), for a device with `tensorrt` and no trtexec:
+    GPU time per inference from CUDA events, no host copies (time_engine needs torch with CUDA for buffers)."""
+    from . import trt_api
+    engine = trt_api.build_engine(onnx, tx.EngineCache(cache_dir), precision=precision, batch=(1, 1, 1))
+    t = trt_api.time_engine(engine, shapes={input_name: [1, *input_shape]})
+    side = json.loads(engine.with_suffix(".json").read_text())  # the cache's sidecar: what it was built for
+    lat = {"n": t["n"], "mean": t["mean"], "min": t["min"], "max": t["max"], "p50": t["median"], "std": t["std"],
+           "cv": t["std"] / t["mean"], **{k: t[k] for k in ("p90", "p95", "p99")}}
+    return {"latency_ms": lat, "throughput": {"1": 1e3 / t["mean"]}, "trt_version": side["trt_version"],
+            "compute_capability": side["compute_capability"], "gpu": None}
+
+
 def rows(models: list, where: dict, input_name: str, input_shape: list[int], cache_dir: Path, log=print) -> list:
-    """One 'tensorrt' row per model: measured, or skipped with the reason (TensorRT missing, build failed)."""
+    """One 'tensorrt' row per model, timed by trtexec or else TensorRT's Python API; or skipped with the reason
+    (TensorRT missing, build failed)."""
     from .measure import base_row, skipped
     ok, reason = tx.trt_status()
     if not ok:
         return [skipped(m, "trtexec", where, reason, backend="tensorrt") for m in models]
+    api = tx.find_trtexec() is None  # trt_status found the `tensorrt` module, and no trtexec
+    provider = "tensorrt-python-api" if api else "trtexec"
     out = []
     for m in models:
         try:
-            log(f"  trtexec: {m.name} ({m.precision})")
-            fig = time_model(m.path, m.precision, input_name, input_shape, cache_dir)
+            log(f"  {provider}: {m.name} ({m.precision})")
+            fig = (time_model_api if api else time_model)(m.path, m.precision, input_name, input_shape, cache_dir)
         except (RuntimeError, ValueError, OSError, subprocess.SubprocessError) as e:
-            out.append(skipped(m, "trtexec", where, f"TensorRT: {e}", backend="tensorrt"))
+            out.append(skipped(m, provider, where, f"TensorRT: {e}", backend="tensorrt"))
             continue
-        out.append({**base_row(m, "trtexec", where, backend="tensorrt"), **fig, "status": "measured", "batch": 1,
+        how = (f"TensorRT {fig['trt_version']} Python API, GPU time per inference (CUDA events, no host copies)"
+               if api else f"trtexec {fig['trt_version']} on {fig['gpu']}, host latency (H2D + compute + D2H), "
+                           f"percentiles as printed")
+        out.append({**base_row(m, provider, where, backend="tensorrt"), **fig, "status": "measured", "batch": 1,
                     "threads": None, "accuracy": None,
-                    "accuracy_source": "not measured: trtexec times random inputs; see this artifact's "
+                    "accuracy_source": "not measured: TensorRT is timed on random inputs; see this artifact's "
                                        "onnxruntime rows",
-                    "latency_source": f"measured: trtexec {fig['trt_version']} on {fig['gpu']}, host latency "
-                                      f"(H2D + compute + D2H), percentiles as printed",
+                    "latency_source": f"measured: {how}",
                     "energy_mj": None, "energy_how": "skipped",
                     "energy_source": "skipped: energy is measured on onnxruntime rows"})
     return out
