@@ -70,14 +70,33 @@ class Budgets(Strict):
     max_energy_mj: float | None = Field(None, gt=0, description="per inference at batch 1")
 
 
+_SSH_NAME = re.compile(r"[A-Za-z0-9._-]+")  # user and DNS names
+
+
+def _ssh_host(value: str) -> str:
+    # a host starting with '-' would reach ssh/scp as an option (-oProxyCommand=...); other characters than these
+    # could be read as syntax by ssh or scp. An IPv6 literal has a ':' (and maybe a %zone).
+    ip6 = ":" in value and re.fullmatch(r"[0-9A-Fa-f:.]+(%[A-Za-z0-9]+)?", value)
+    if value.startswith("-") or not (ip6 or _SSH_NAME.fullmatch(value)):
+        raise ValueError(f"Bad SSH host {value!r}: expected a DNS name or an IP address")
+    return value
+
+
+def _ssh_user(value: str) -> str:
+    if value.startswith("-") or not _SSH_NAME.fullmatch(value):
+        raise ValueError(f"Bad SSH user {value!r}: use letters, digits and . _ - only")
+    return value
+
+
 class DeviceSpec(Strict):
-    host: str
-    user: str | None = None
-    port: int = 22
-    python: str = "python3"
-    workdir: str = "~/.cache/compress-pipeline"
-    identity_file: str | None = None
-    known_hosts: str | None = None
+    """A device reached over SSH: a profile's `device:`. Declared once: ship/ssh.Remote is this plus its $HOME."""
+    host: Annotated[str, AfterValidator(_ssh_host)] = Field(description="a DNS name or an IP address")
+    user: Annotated[str, AfterValidator(_ssh_user)] | None = None
+    port: int = Field(22, ge=1, le=65535)
+    python: str = Field("python3", description="the device's interpreter: needs numpy and onnxruntime")
+    workdir: str = Field("~/.cache/compress-pipeline", description="where benchmark kits are copied")
+    identity_file: Path | None = Field(None, description="the private key; default: ssh's own choice")
+    known_hosts: Path | None = Field(None, description="the whole trust list for this device; default: ssh's")
 
 
 class Profile(Strict):

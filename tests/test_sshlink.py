@@ -5,7 +5,6 @@ The "device" is this machine, so a test can check the remote side by looking at 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pwd
 import socket
@@ -13,7 +12,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
+from pipeline.config import PROFILES_DIR, load_profile
+from pipeline.errors import ConfigError
 from pipeline.ship.ssh import (
     HostKeyError,
     Remote,
@@ -45,7 +47,7 @@ def test_parse_accepts(spec: str, host: str, user: str | None, port: int) -> Non
 
 def test_parse_sets_other_fields() -> None:
     remote = Remote.parse("nvidia@jetson", python="python3.8", known_hosts="/tmp/kh")
-    assert (remote.python, remote.known_hosts) == ("python3.8", "/tmp/kh")
+    assert (remote.python, remote.known_hosts) == ("python3.8", Path("/tmp/kh"))
     assert remote.workdir == "~/.cache/compress-pipeline"
 
 
@@ -63,6 +65,25 @@ def test_parse_rejects_with_expected_form(spec: str) -> None:
 def test_constructor_rejects_option_like_host() -> None:
     with pytest.raises(ValueError, match="Bad SSH host"):
         Remote(host="-oProxyCommand=touch /tmp/x")
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("host", "jetson;reboot", "Bad SSH host"), ("host", "jet son", "Bad SSH host"),
+    ("host", "-oProxyCommand=touch_x", "Bad SSH host"), ("user", "$(reboot)", "Bad SSH user"),
+    ("user", "nvidia nvidia", "Bad SSH user"), ("port", 0, "greater than or equal to 1"),
+    ("port", 70000, "less than or equal to 65535"),
+])
+def test_a_profile_device_with_a_bad_value_fails_at_load(tmp_path: Path, field: str, value, why: str) -> None:
+    data = yaml.safe_load((PROFILES_DIR / "jetson.yaml").read_text())
+    data["device"] = {"host": "jetson.local", "user": "nvidia", field: value}
+    path = tmp_path / "jetson-bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as info:
+        load_profile(str(path))
+    assert str(path) in str(info.value) and f"device.{field}" in str(info.value) and why in str(info.value)
+    data["device"][field] = {"host": "jetson.local", "user": "nvidia", "port": 2222}[field]
+    path.write_text(yaml.safe_dump(data))
+    assert load_profile(str(path)).device.model_dump()[field] == data["device"][field]
 
 
 # --- run -----------------------------------------------------------------------------------------
@@ -118,7 +139,7 @@ def test_timeout_raises_remote_timeout(sshd: Remote) -> None:
 
 
 def test_tilde_resolves_to_remote_home(sshd: Remote) -> None:
-    remote = dataclasses.replace(sshd)  # a fresh Remote, so its home is looked up here
+    remote = sshd.replace()  # a fresh Remote, so its home is looked up here
     home = pwd.getpwuid(os.getuid()).pw_dir.rstrip("/") or "/"
     assert resolve_path(remote, "~") == home
     assert resolve_path(remote, "~/.cache/x") == home + "/.cache/x"
@@ -181,7 +202,7 @@ def test_wrong_host_key_is_refused_with_fix(sshd: Remote, tmp_path: Path) -> Non
     marker = Path(f"/tmp/pwned-{uuid.uuid4().hex}")
 
     with pytest.raises(HostKeyError) as info:
-        run(dataclasses.replace(sshd, known_hosts=wrong), ["touch", str(marker)], timeout=30)
+        run(sshd.replace(known_hosts=wrong), ["touch", str(marker)], timeout=30)
     assert "differs" in str(info.value)
     assert f"ssh-keyscan -p {sshd.port} 127.0.0.1 >> {wrong}" in str(info.value)
     assert not marker.exists(), "the command ran despite the wrong host key"
@@ -191,7 +212,7 @@ def test_unknown_host_is_refused_not_accepted(sshd: Remote, tmp_path: Path) -> N
     empty = tmp_path / "known_hosts"
     empty.write_text("")
     with pytest.raises(HostKeyError, match="ssh-keyscan"):
-        run(dataclasses.replace(sshd, known_hosts=empty), ["true"], timeout=30)
+        run(sshd.replace(known_hosts=empty), ["true"], timeout=30)
     assert empty.read_text() == "", "ssh added the unknown key: verification is not strict"
 
 
@@ -200,21 +221,21 @@ def test_scp_verifies_host_keys_too(sshd: Remote, tmp_path: Path) -> None:
     empty.write_text("")
     # scp alone (put would fail first in its ssh mkdir): scp's own connection checks the key too
     with pytest.raises(HostKeyError):
-        _scp(dataclasses.replace(sshd, known_hosts=empty), [str(empty), f"127.0.0.1:{sshd.workdir}/x"], timeout=30)
+        _scp(sshd.replace(known_hosts=empty), [str(empty), f"127.0.0.1:{sshd.workdir}/x"], timeout=30)
 
 
 def test_known_hosts_path_with_spaces_works(sshd: Remote, tmp_path: Path) -> None:
     spaced = tmp_path / "my keys" / "known hosts"
     spaced.parent.mkdir()
     spaced.write_bytes(Path(sshd.known_hosts or "").read_bytes())
-    assert run(dataclasses.replace(sshd, known_hosts=spaced), ["echo", "ok"], timeout=30).stdout == "ok\n"
+    assert run(sshd.replace(known_hosts=spaced), ["echo", "ok"], timeout=30).stdout == "ok\n"
 
 
 def test_wrong_client_key_is_refused(sshd: Remote, tmp_path: Path) -> None:
     stranger = tmp_path / "stranger"
     keygen(stranger)
     with pytest.raises(SSHConnectError, match="refused our key"):
-        run(dataclasses.replace(sshd, identity_file=stranger), ["true"], timeout=30)
+        run(sshd.replace(identity_file=stranger), ["true"], timeout=30)
 
 
 def test_closed_port_raises_connect_error(sshd: Remote) -> None:
@@ -222,4 +243,4 @@ def test_closed_port_raises_connect_error(sshd: Remote) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(SSHConnectError, match="Could not connect"):
-        run(dataclasses.replace(sshd, port=port), ["true"], timeout=30)
+        run(sshd.replace(port=port), ["true"], timeout=30)

@@ -13,9 +13,12 @@ import re
 import shlex
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import PrivateAttr, ValidationError
+
+from pipeline.config import DeviceSpec
 
 CONNECT_TIMEOUT_S = 10  # a Jetson on the LAN answers in well under a second; 10 s allows Wi-Fi
 STDERR_TAIL_CHARS = 2000  # enough for a Python traceback's last frames, short enough to read
@@ -25,7 +28,6 @@ PARSE_FORM = "[user@]host[:port], with an IPv6 host in brackets: user@[::1]:2222
 # OpenSSH 9.0) passes them through the remote shell and the SFTP one expands glob characters.
 # Allowing only these characters makes both read the path literally.
 _SAFE_REMOTE_PATH = re.compile(r"[A-Za-z0-9._/+@%=,:-]+")
-_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")  # user and DNS names; a leading '-' is refused apart
 # How ssh reports its own failures (exit code 255) when it could not connect at all.
 _CONNECT_FAILURES = ("Connection refused", "timed out", "Could not resolve",
                      "Connection closed", "Connection reset", "kex_exchange_identification")
@@ -52,29 +54,10 @@ class RemoteTimeout(RemoteError):
     """The command ran past its timeout; the local ssh was killed."""
 
 
-@dataclass
-class Remote:
-    """An SSH destination plus where and with what the device-side runner runs."""
+class Remote(DeviceSpec):
+    """A DeviceSpec being talked to (pipeline/config.py declares its fields, defaults and checks)."""
 
-    host: str
-    user: str | None = None
-    port: int = 22
-    python: str = "python3"
-    workdir: str = "~/.cache/compress-pipeline"
-    identity_file: str | Path | None = None
-    known_hosts: str | Path | None = None
-    # The remote $HOME, looked up once by resolve_path(); not part of the identity of a Remote.
-    _home: str | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        # Checked here as well as in parse(): a host or user starting with '-' would reach
-        # ssh/scp as an option (e.g. -oProxyCommand=...), and a bad port fails late and vaguely.
-        if not self.host or self.host.startswith("-") or not _is_host(self.host):
-            raise ValueError(f"Bad SSH host {self.host!r}: expected a DNS name or an IP address.")
-        if self.user is not None and (self.user.startswith("-") or not _SAFE_NAME.fullmatch(self.user)):
-            raise ValueError(f"Bad SSH user {self.user!r}: use letters, digits and . _ - only.")
-        if not isinstance(self.port, int) or not 1 <= self.port <= 65535:
-            raise ValueError(f"Bad SSH port {self.port!r}: expected an integer from 1 to 65535.")
+    _home: str | None = PrivateAttr(None)  # the remote $HOME, looked up once by resolve_path()
 
     @classmethod
     def parse(cls, spec: str, **fields: Any) -> Remote:
@@ -85,8 +68,12 @@ class Remote:
         user, host, port = m.group(1), m.group(2).strip("[]"), m.group(3)
         try:
             return cls(host=host, user=user, port=int(port) if port else 22, **fields)
-        except ValueError as e:
-            raise ValueError(f"Cannot read device {spec!r}: {e} Expected {PARSE_FORM}.") from None
+        except ValidationError as e:
+            raise ValueError(f"Cannot read device {spec!r}: {reasons(e)}. Expected {PARSE_FORM}.") from None
+
+    def replace(self, **changes: Any) -> Remote:
+        """A checked copy with `changes` applied; it looks the remote $HOME up afresh."""
+        return type(self).model_validate({**self.model_dump(), **changes})
 
     @property
     def destination(self) -> str:
@@ -241,6 +228,12 @@ def _raise_for_ssh_failure(remote: Remote, stderr: str) -> None:
             f"shows the same error).\nssh said:\n{tail}", 255, tail)
 
 
+def reasons(err: ValidationError) -> str:
+    """A pydantic error as one line: 'field: why; field: why'."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'device'}: {e['msg'].removeprefix('Value error, ')}"
+                     for e in err.errors())
+
+
 def _check_scp_path(path: str) -> None:
     if not _SAFE_REMOTE_PATH.fullmatch(path) or path.startswith("-"):
         raise ValueError(f"Remote path {path!r} has characters scp may reinterpret; use only "
@@ -250,12 +243,6 @@ def _check_scp_path(path: str) -> None:
 def _scp_remote(remote: Remote, path: str) -> str:
     host = f"[{remote.host}]" if ":" in remote.host else remote.host  # IPv6 needs brackets in scp
     return f"{remote.user}@{host}:{path}" if remote.user else f"{host}:{path}"
-
-
-def _is_host(host: str) -> bool:
-    # An IP literal (v4 or v6) or DNS labels; anything else could be read as syntax by ssh or scp.
-    return bool(re.fullmatch(r"[0-9A-Fa-f:.]+(%[A-Za-z0-9]+)?", host) and ":" in host) or bool(
-        _SAFE_NAME.fullmatch(host))
 
 
 def _ssh_quote(value: str) -> str:
