@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from pipeline.config import DEFAULT_RECIPE, load_profile
+from pipeline.config import DEFAULT_RECIPE, DeviceSpec, load_profile
 from pipeline.errors import StageError
 from pipeline.runner import Runner
-from pipeline.ship.kit import device_command
+from pipeline.ship.kit import DEVICE_ENV, device_command, resolve
+from pipeline.ship.ssh import run
 from stages.benchmark import NOT_ON_TARGET
 from tests.conftest import fast_recipe
 
@@ -94,3 +95,28 @@ def test_runner_refuses_a_tampered_kit(real_run, tmp_path, monkeypatch, sshd):
     assert proc.returncode == 3
     doc = json.loads(proc.stdout)
     assert any(model.name in p and "differs from the manifest" in p for p in doc["problems"])
+
+
+def test_device_variables_win_over_a_profiles_device(monkeypatch, tmp_path):
+    spec = DeviceSpec(host="jetson.local", user="nvidia", python="python3.8", known_hosts="/etc/kh")
+    for var in DEVICE_ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    assert (resolve(spec).python, resolve(spec).known_hosts) == ("python3.8", Path("/etc/kh"))
+    monkeypatch.setenv("PIPELINE_DEVICE_PYTHON", "/opt/py/bin/python3")
+    monkeypatch.setenv("PIPELINE_DEVICE_KNOWN_HOSTS", str(tmp_path / "kh"))
+    monkeypatch.setenv("PIPELINE_DEVICE_IDENTITY", str(tmp_path / "id"))
+    for remote in (resolve(spec), resolve("pi@10.0.0.5:2222", spec), resolve("pi@10.0.0.5:2222")):
+        assert (remote.python, remote.known_hosts, remote.identity_file) == (
+            "/opt/py/bin/python3", tmp_path / "kh", tmp_path / "id")
+    assert (resolve(spec).destination, resolve("pi@10.0.0.5:2222", spec).destination) == (
+        "nvidia@jetson.local", "pi@10.0.0.5")
+    monkeypatch.delenv("PIPELINE_DEVICE_PYTHON")
+    assert resolve("pi@10.0.0.5", spec).python == "python3.8"  # ship --to: the profile's interpreter elsewhere
+
+
+def test_a_profiles_device_reaches_sshd_with_the_key_from_the_environment(monkeypatch, sshd):
+    # the profile names the device but not this machine's key or known_hosts: the variables supply them
+    spec = DeviceSpec(host="127.0.0.1", user=sshd.user, port=sshd.port)
+    monkeypatch.setenv("PIPELINE_DEVICE_KNOWN_HOSTS", str(sshd.known_hosts))
+    monkeypatch.setenv("PIPELINE_DEVICE_IDENTITY", str(sshd.identity_file))
+    assert run(resolve(spec), ["echo", "ok"], timeout=30).stdout == "ok\n"

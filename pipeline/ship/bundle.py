@@ -35,7 +35,7 @@ from pipeline.errors import ConfigError
 from pipeline.report import schema as reportschema
 from pipeline.report.gate import UNUSABLE, gate
 from pipeline.ship import ssh as sshlink
-from pipeline.ship.kit import copy_payload, device_command
+from pipeline.ship.kit import copy_payload, device_command, resolve
 
 TEST_BATCH = 64  # images in data/test_batch.npz: enough for an agreement check, small enough to copy anywhere
 VARIANTS = ("fp16", "int8")
@@ -281,12 +281,8 @@ def parse_to(to: str) -> tuple[str, str]:
 def send(bundle: Path, to: str, prof: Profile) -> str:
     """Copy the bundle over SSH (host keys verified), unpack it and verify it with the device's python."""
     dest, remote_dir = parse_to(to)
-    env, spec = os.environ, prof.device  # the same variables as PIPELINE_DEVICE, else the profile's device:
-    try:
-        remote = sshlink.Remote.parse(
-            dest, python=env.get("PIPELINE_DEVICE_PYTHON", spec.python if spec else "python3"),
-            known_hosts=env.get("PIPELINE_DEVICE_KNOWN_HOSTS", spec and spec.known_hosts),
-            identity_file=env.get("PIPELINE_DEVICE_IDENTITY", spec and spec.identity_file))
+    try:  # the profile's device: interpreter, key and known_hosts, with PIPELINE_DEVICE_* winning (kit.resolve)
+        remote = resolve(dest, prof.device)
     except ValueError as e:
         raise ConfigError(f"--to {to!r}: {e}") from None
     folder = bundle.name.removesuffix(".tar.gz")

@@ -1,8 +1,8 @@
 """Benchmark on a device over SSH: stage a kit, copy it, run device/runner.py there, merge its rows.
 
-The device is named by the profile (`device:`) or by PIPELINE_DEVICE=user@host:port (then
-PIPELINE_DEVICE_KNOWN_HOSTS / PIPELINE_DEVICE_IDENTITY / PIPELINE_DEVICE_PYTHON may name the
-known_hosts file, the key and the interpreter). Host keys are always verified (pipeline/sshlink.py).
+The device is named by the profile (`device:`) or by PIPELINE_DEVICE=user@host:port; in both cases
+PIPELINE_DEVICE_KNOWN_HOSTS / PIPELINE_DEVICE_IDENTITY / PIPELINE_DEVICE_PYTHON, when set, name the
+known_hosts file, the key and the interpreter. Host keys are always verified (pipeline/ship/ssh.py).
 """
 from __future__ import annotations
 
@@ -26,16 +26,20 @@ from pipeline.train.data import Splits
 DEVICE_DIR = Path(__file__).resolve().parent.parent / "device"
 
 
-def resolve(device: str | DeviceSpec) -> sshlink.Remote:
+# what only this machine knows (its key, its known_hosts) or the device's interpreter: these win over a profile's
+# device: fields, for a benchmark (PIPELINE_DEVICE or the profile's device) and for `ship --to` alike
+DEVICE_ENV = {"known_hosts": "PIPELINE_DEVICE_KNOWN_HOSTS", "identity_file": "PIPELINE_DEVICE_IDENTITY",
+              "python": "PIPELINE_DEVICE_PYTHON"}
+
+
+def resolve(device: str | DeviceSpec, profile_device: DeviceSpec | None = None) -> sshlink.Remote:
+    """The device: a profile's `device:`, or `[user@]host[:port]` (PIPELINE_DEVICE, ship --to) with the other
+    fields of `profile_device`; PIPELINE_DEVICE_* win over both. ValueError names a bad value."""
+    env = {name: os.environ[var] for name, var in DEVICE_ENV.items() if os.environ.get(var)}
     if isinstance(device, DeviceSpec):
-        return sshlink.Remote(**device.model_dump())
-    env = os.environ
-    try:
-        return sshlink.Remote.parse(device, known_hosts=env.get("PIPELINE_DEVICE_KNOWN_HOSTS"),
-                                    identity_file=env.get("PIPELINE_DEVICE_IDENTITY"),
-                                    python=env.get("PIPELINE_DEVICE_PYTHON", "python3"))
-    except ValueError as e:
-        raise StageError(f"PIPELINE_DEVICE={device!r}: {e}") from None
+        return sshlink.Remote.model_validate({**device.model_dump(), **env})
+    fields = profile_device.model_dump(include=set(DEVICE_ENV)) if profile_device else {}
+    return sshlink.Remote.parse(device, **{**fields, **env})
 
 
 # `python3 -m device.runner` puts the kit folder first on sys.path, so a stray json.py there would run in place of
@@ -86,7 +90,11 @@ def stage_kit(kit: Path, models: list[ModelEntry], data: Splits, refs: dict[str,
 def remote_rows(device: str | DeviceSpec, models: list[ModelEntry], data: Splits, refs: dict[str, np.ndarray],
                 settings: BenchSettings, ctx: Context) -> list[dict]:
     """Rows measured on the device, labelled with its hostname, board and runtime versions."""
-    remote = resolve(device)
+    try:
+        remote = resolve(device)
+    except ValueError as e:
+        named = f"PIPELINE_DEVICE={device!r}" if isinstance(device, str) else "the profile's device"
+        raise StageError(f"benchmark: {named}: {e}") from None
     kit = ctx.path("device-kit")
     stage_kit(kit, models, data, refs, settings, ctx)
     try:
