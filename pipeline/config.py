@@ -136,6 +136,13 @@ class DataConfig(Strict):
     mean: list[float] | None = Field(None, description="per channel; computed on train when omitted")
     std: list[float] | None = None
     augment: Augment = Augment()
+    workers: int | None = Field(None, ge=0, description="DataLoader processes that decode images; None = the usable "
+                                                       "cores, 0 = decode in the main process")
+    cache: bool = Field(False, description="decode once into a uint8 memory-mapped file keyed by the file list and "
+                                           "the preprocessing: for small images (32x32, 64x64) read every epoch")
+    cache_dir: Path | None = Field(None, description="where data.cache files go; default <runs dir>/.data-cache")
+    skip_bad: bool = Field(False, description="skip images that do not decode (counted in run.json) instead of "
+                                              "stopping with the file named")
 
 
 class ModelSpec(Strict):

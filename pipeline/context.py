@@ -12,6 +12,7 @@ from pipeline.config import Profile, RecipeBase
 
 if TYPE_CHECKING:
     from pipeline.train.data import Splits
+    from pipeline.train.loop import Resume
 
 
 @dataclass
@@ -22,6 +23,8 @@ class Context:
     console: Console = field(default_factory=Console)
     debug: bool = False
     results: dict[str, Any] = field(default_factory=dict)  # per-stage metrics, written to run.json
+    stage: str = ""      # the stage running now, and its cache key (set by the runner)
+    stage_key: str = ""
     _splits: "Splits | None" = None
 
     @property
@@ -42,6 +45,18 @@ class Context:
             from pipeline.train.data import load_splits
             self._splits = load_splits(self.recipe.data, self.recipe.seed, self.run_dir)
         return self._splits
+
+    def checkpoints(self) -> Path:
+        """Where this stage's training checkpoints go (removed by the runner once the stage succeeds)."""
+        return self.run_dir / ".checkpoints" / self.stage
+
+    def resume(self, desc: str) -> "Resume":
+        """The checkpoint of one fit() in this stage: keyed by the stage's cache key and the fit's description."""
+        import hashlib
+
+        from pipeline.train.loop import Resume
+        slug = hashlib.sha256(desc.encode()).hexdigest()[:12]
+        return Resume(self.checkpoints() / f"{slug}.pt", f"{self.stage_key}:{desc}")
 
     def log(self, msg: str) -> None:
         if self.rank == 0:

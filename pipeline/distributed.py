@@ -31,12 +31,13 @@ def result_path(run_dir: Path, stage: str) -> Path:
     return Path(run_dir) / f".{stage}.distributed.json"
 
 
-def run_stage_distributed(run_dir: Path, stage: str, nproc: int, quiet: bool = False) -> tuple[Artifacts, dict]:
+def run_stage_distributed(run_dir: Path, stage: str, nproc: int, key: str = "", quiet: bool = False
+                          ) -> tuple[Artifacts, dict]:
     """Run `stage` on nproc ranks; return its outputs (from rank 0) and its results for ctx.results."""
     run_dir = Path(run_dir).resolve()
     result = result_path(run_dir, stage)
     result.unlink(missing_ok=True)
-    env = {**os.environ, "PIPELINE_QUIET": "1" if quiet else "0"}
+    env = {**os.environ, "PIPELINE_QUIET": "1" if quiet else "0", "PIPELINE_STAGE_KEY": key}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "pipeline.distributed", str(run_dir), stage]
     proc = subprocess.run(cmd, env=env, stderr=subprocess.PIPE, text=True)
@@ -79,7 +80,8 @@ def main(run_dir: Path, stage: str) -> int:
     profile = Profile.model_validate_json((run_dir / "profile.json").read_text())
     rank = int(os.environ["RANK"])
     quiet = rank != 0 or os.environ.get("PIPELINE_QUIET") == "1"
-    ctx = Context(run_dir=run_dir, recipe=recipe, profile=profile, console=Console(quiet=quiet))
+    ctx = Context(run_dir=run_dir, recipe=recipe, profile=profile, console=Console(quiet=quiet), stage=stage,
+                  stage_key=os.environ.get("PIPELINE_STAGE_KEY", ""))  # the runner's key: checkpoints match it
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

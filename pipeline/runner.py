@@ -6,8 +6,13 @@ input artifacts), the outputs with their hashes, metrics, duration and the error
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import os
+import shutil
 import time
 import traceback
 from datetime import datetime, timezone
@@ -27,14 +32,16 @@ DISTRIBUTED_STAGES = ("teacher", "distill")  # the training stages that run unde
 
 
 def new_run_dir(runs_dir: Path, profile: Profile, recipe: RecipeBase) -> Path:
+    """A fresh run directory; mkdir itself decides between parallel starts in the same second."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    run_dir = runs_dir / f"{stamp}-{recipe.name}-{profile.name}"
-    n = 1
-    while run_dir.exists():
-        n += 1
-        run_dir = runs_dir / f"{stamp}-{recipe.name}-{profile.name}-{n}"
-    run_dir.mkdir(parents=True)
-    return run_dir
+    for n in range(1, 10_000):
+        run_dir = runs_dir / f"{stamp}-{recipe.name}-{profile.name}{f'-{n}' if n > 1 else ''}"
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise ConfigError(f"{runs_dir}: 10,000 runs started in one second; clean up the runs directory.")
 
 
 def latest_run(runs_dir: Path) -> Path:
@@ -60,8 +67,11 @@ def _key(name: str, cfg: Any, recipe: RecipeBase, profile: Profile, inputs: Arti
     }
     if name in DISTRIBUTED_STAGES and nproc > 1:  # DDP results differ slightly from one process's
         payload["nproc"] = nproc
+    payload["recipe"]["data"].pop("workers", None)  # how many processes decode changes no result
     if getattr(stages.load(name), "USES_PROFILE", False):
         payload["profile"] = profile.model_dump(mode="json", exclude={"description", "device"})
+        # where rows are measured: a device named after a run must not reuse the host-only benchmark
+        payload["device"] = os.environ.get("PIPELINE_DEVICE") or (profile.device.host if profile.device else None)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -79,7 +89,6 @@ class Runner:
         self.run_dir = run_dir
         self.ctx = Context(run_dir=run_dir, recipe=recipe, profile=profile, console=console or Console(),
                            debug=debug)
-        self.ctx.results["nproc"] = nproc
         self.nproc = nproc
         self.record_path = run_dir / "run.json"
         prior = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
@@ -95,10 +104,27 @@ class Runner:
     def _save(self) -> None:
         atomic_write_text(self.record_path, json.dumps(self.record, indent=2, default=str))
 
+    def _fail(self, name: str) -> None:
+        """Mark the run failed and move report.json aside: gate and ship must never pass an older report."""
+        self.record.update(status="failed", failed_stage=name)
+        report = self.run_dir / "report.json"
+        if report.exists():
+            os.replace(report, self.run_dir / "report.stale.json")
+        try:
+            self._save()
+        except OSError:  # a full disk: the failure is in the message; run.json keeps its last good state
+            pass
+
     def run(self, resume: bool = False, until: str | None = None) -> Artifacts:
+        with _locked(self.run_dir):
+            artifacts = self._run(resume, until)
+        return artifacts
+
+    def _run(self, resume: bool, until: str | None) -> Artifacts:
         ctx, artifacts = self.ctx, {}
-        (self.run_dir / "recipe.json").write_text(ctx.recipe.model_dump_json(indent=2))
-        (self.run_dir / "profile.json").write_text(ctx.profile.model_dump_json(indent=2))
+        atomic_write_text(self.run_dir / "recipe.json", ctx.recipe.model_dump_json(indent=2))
+        atomic_write_text(self.run_dir / "profile.json", ctx.profile.model_dump_json(indent=2))
+        self.record.update(status="running", failed_stage=None)
         for name in stages.STAGES:
             mod = stages.load(name)
             cfg = getattr(ctx.recipe, name)
@@ -121,6 +147,9 @@ class Runner:
             artifacts.update(self._run_stage(name, mod, cfg, key, artifacts))
             if name == until:
                 break
+        if until is None:
+            self.record["status"] = "ok"
+            self._save()
         return artifacts
 
     def _run_stage(self, name: str, mod, cfg: Any, key: str, inputs: Artifacts) -> Artifacts:
@@ -131,35 +160,73 @@ class Runner:
         self.record["stages"][name] = rec
         self._save()
         ctx.log(f"[bold cyan]▶ {name}[/]")
+        ctx.stage, ctx.stage_key = name, key
         t0 = time.perf_counter()
         try:
             if self.nproc > 1 and name in DISTRIBUTED_STAGES:
                 from pipeline.distributed import run_stage_distributed
-                outputs, ctx.results[name] = run_stage_distributed(self.run_dir, name, self.nproc,
+                outputs, ctx.results[name] = run_stage_distributed(self.run_dir, name, self.nproc, key,
                                                                    quiet=ctx.console.quiet)
             else:
                 outputs = mod.run(dict(inputs), cfg, ctx)
             for art in outputs.values():
                 art.sha256, art.size_bytes = fingerprint(self.run_dir / art.name)
-        except Exception as e:  # recorded, then re-raised: the CLI decides how loud to be
+        except BaseException as e:  # recorded, then re-raised: the CLI decides how loud to be
+            disk_full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+            err = _disk_full(e, self.run_dir) if disk_full else e
             rec.update(status="failed", duration_s=round(time.perf_counter() - t0, 2),
-                       error=f"{type(e).__name__}: {e}")
-            if not isinstance(e, (StageError, ConfigError)):
+                       error=f"{type(err).__name__}: {err}")
+            if not isinstance(err, (StageError, ConfigError, KeyboardInterrupt)):
                 rec["traceback"] = traceback.format_exc()
-            self._save()
+            self._fail(name)
+            if disk_full:
+                raise err from None
             raise
         rec.update(status="ok", duration_s=round(time.perf_counter() - t0, 2),
                    outputs={k: a.model_dump(mode="json") for k, a in outputs.items()},
                    results=ctx.results.get(name, {}))
         self._save()
+        shutil.rmtree(ctx.checkpoints(), ignore_errors=True)  # the stage's outputs now stand for them
+        with contextlib.suppress(OSError):
+            ctx.checkpoints().parent.rmdir()  # .checkpoints/, once no stage has any
         ctx.log(f"[green]✓ {name}[/] in {rec['duration_s']:.1f} s")
         return outputs
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path):
+    """An exclusive lock on the run directory for the whole run: a second run or --resume is refused."""
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise ConfigError(f"{run_dir}: in use by pipeline run (pid {holder}). Wait for it to finish, or "
+                              f"start a new run without --resume.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _disk_full(e: OSError, run_dir: Path) -> StageError:
+    free = shutil.disk_usage(run_dir).free
+    return StageError(f"{e.filename or run_dir}: no space left on the device ({free / 2**20:.0f} MiB free in "
+                      f"{run_dir.parent}). Free some space, then rerun with --resume: finished stages are kept.")
 
 
 def run_pipeline(recipe: RecipeBase, profile: Profile, *, recipe_path: Path, runs_dir: Path = Path("runs"),
                  resume: bool = False, console: Console | None = None, debug: bool = False,
                  nproc: int = 1) -> Path:
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise ConfigError(f"--runs-dir {runs_dir}: is a file, not a directory. Give a directory (it is created "
+                          f"when missing).")
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--runs-dir {runs_dir}: cannot create it ({e.strerror}). Give a writable directory.") from None
     run_dir = latest_run(runs_dir) if resume else new_run_dir(runs_dir, profile, recipe)
     _point_latest(runs_dir, run_dir)
     Runner(run_dir, recipe, profile, recipe_path=recipe_path, console=console, debug=debug,

@@ -12,7 +12,8 @@ from pipeline.context import Context
 from pipeline.errors import StageError
 from pipeline.train import models
 from pipeline.train.augment import augmenter
-from pipeline.train.data import Splits
+from pipeline.train.data import Split, Splits
+from pipeline.train.loop import device_of, train_device
 
 
 def build_info(data: Splits) -> tuple[int, int, int]:
@@ -68,3 +69,22 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+# Teacher outputs for the whole training split are kept only while they are this small (N x classes x 4 bytes):
+# 1,100 digits take 44 KB; ImageNet's 1.28 M images x 1,000 classes would take 5 GB, so there the teacher runs
+# on every batch instead.
+LOGITS_CACHE_BYTES = 256 * 2**20
+
+
+@torch.no_grad()
+def teacher_logits(teacher, split: Split, batch: int = 512) -> torch.Tensor | None:
+    """The teacher's logits for every training image, in index order (valid without augmentation), or None
+    when they would not fit in LOGITS_CACHE_BYTES."""
+    dev = device_of(teacher) if isinstance(teacher, nn.Module) else train_device()  # a function: ensemble_fn
+    out: list[torch.Tensor] = []
+    for x, _, _ in split.batches(batch):
+        out.append(teacher(x.to(dev)).float().cpu())
+        if len(out) == 1 and out[0].shape[1] * len(split) * 4 > LOGITS_CACHE_BYTES:
+            return None
+    return torch.cat(out)

@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import asdict
 
+import numpy as np
 from pydantic import BaseModel, Field
 
 from pipeline.artifacts import Artifact, Artifacts, atomic_write_text
@@ -16,11 +17,13 @@ from pipeline.config import Target
 from pipeline.context import Context
 from pipeline.device import energy as energy_mod
 from pipeline.device import envinfo, trtbench
-from pipeline.device.measure import BenchSettings, ModelEntry, measure, meter_kinds, predictions
-from pipeline.device.ortbench import CPU
+from pipeline.device.measure import BenchSettings, ModelEntry, measure, meter_kinds
+from pipeline.device.ortbench import CPU, logits, open_session
 from pipeline.report import estimate
+from pipeline.train.data import Split
 
 USES_PROFILE = True
+TIMING_IMAGES = 64  # test images timing and throughput batches are tiled from (accuracy uses the whole split)
 NOT_ON_TARGET = "not measured on the target: set PIPELINE_DEVICE to benchmark on the device"
 
 
@@ -53,7 +56,8 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     data, profile = ctx.data(), ctx.profile
     models = entries(inputs, ctx)
     teacher = next((m for m in models if m.meta.get("role") == "teacher"), None)
-    refs = {"teacher": predictions(teacher.path, data.x_test)} if teacher else {}
+    refs = {"teacher": _predictions(open_session(teacher.path, CPU, threads=0), data.test)} if teacher else {}
+    x_time, _ = data.test.arrays(limit=TIMING_IMAGES)  # inputs for timing and throughput, not for accuracy
     # 2) host rows: the profile's providers, plus this CPU as a labelled reference
     providers = list(profile.target.providers)
     if cfg.host_reference and CPU not in providers:
@@ -61,9 +65,10 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     where = envinfo.describe("host")
     meter, meter_reasons = energy_mod.pick_meter(kinds=meter_kinds(where))
     timing = settings(cfg, profile.target)
-    rows = measure(models, providers, timing, data.x_test, data.y_test, refs, where, meter=meter,
-                   no_meter_energy=_host_energy(ctx), cache_dir=ctx.path("trt-cache"), log=ctx.log)
-    _add_source_agreement(rows, models, data.x_test)
+    rows = measure(models, providers, timing, x_time, data.test.labels, refs, where, meter=meter,
+                   no_meter_energy=_host_energy(ctx), cache_dir=ctx.path("trt-cache"), log=ctx.log,
+                   evaluate=lambda sess: _predictions(sess, data.test))
+    _add_source_agreement(rows, models, data.test)
     # 3) native TensorRT (trtexec) where the profile wants it
     if profile.target.tensorrt:
         rows += trtbench.rows(models, where, "input", list(data.input_shape), ctx.path("trt-cache"), log=ctx.log)
@@ -118,23 +123,30 @@ def _host_energy(ctx: Context):
     return fallback
 
 
-def _add_source_agreement(rows: list[dict], models: list[ModelEntry], x) -> None:
+def _add_source_agreement(rows: list[dict], models: list[ModelEntry], split: Split) -> None:
     """A quantized model's agreement with its FP32 source, and the max/mean |diff| of their outputs."""
-    from pipeline.device.ortbench import CPU as cpu
-    from pipeline.device.ortbench import logits, open_session
     by = {m.name: m for m in models}
-    cache: dict[str, object] = {}
     for r in rows:
         src = by[r["artifact"]].meta.get("source_onnx")
-        if r["status"] != "measured" or not src or src not in by or r["provider"] != cpu:
+        if r["status"] != "measured" or not src or src not in by or r["provider"] != CPU:
             continue
-        for n in (src, r["artifact"]):
-            if n not in cache:
-                cache[n] = logits(open_session(by[n].path, cpu, threads=0), x)
-        a, b = cache[src], cache[r["artifact"]]
-        r["agreement"]["source"] = float((a.argmax(1) == b.argmax(1)).mean())
-        r["output_diff_vs_source"] = {"source": src, "max_abs": float(abs(a - b).max()),
-                                      "mean_abs": float(abs(a - b).mean())}
+        a_sess, b_sess = (open_session(by[n].path, CPU, threads=0) for n in (src, r["artifact"]))
+        agree = seen = elements = 0
+        max_abs = sum_abs = 0.0
+        for x, _, _ in split.batches(256):
+            a, b = logits(a_sess, x.numpy()), logits(b_sess, x.numpy())
+            agree += int((a.argmax(1) == b.argmax(1)).sum())
+            seen, elements = seen + len(a), elements + a.size
+            max_abs, sum_abs = max(max_abs, float(abs(a - b).max())), sum_abs + float(abs(a - b).sum())
+        r["agreement"]["source"] = agree / max(seen, 1)
+        r["output_diff_vs_source"] = {"source": src, "max_abs": max_abs, "mean_abs": sum_abs / max(elements, 1)}
+
+
+def _predictions(sess, split: Split, batch: int = 256) -> np.ndarray:
+    """Argmax predictions of one benchmark session over the whole split, streamed."""
+    preds = [logits(sess, x.numpy(), batch).argmax(1) for x, _, _ in split.batches(batch)]
+    return np.concatenate(preds) if preds else np.zeros(0, np.int64)
+
 
 
 def _estimate_row(m: ModelEntry, ctx: Context) -> dict:

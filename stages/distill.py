@@ -19,8 +19,9 @@ from pipeline.artifacts import Artifacts
 from pipeline.context import Context
 from pipeline.errors import StageError
 from pipeline.train import kd, models
+from pipeline.train.data import Split
 from pipeline.train.loop import LossFn, TrainConfig, accuracy, device_of, fit, seed_everything, train_device
-from stages._common import build_info, freeze, load_teachers, model_artifact, train_augment
+from stages._common import build_info, freeze, load_teachers, model_artifact, teacher_logits, train_augment
 
 Method = Literal["hinton", "feature", "dynamic", "adversarial", "self", "ensemble", "dkd", "dist"]
 TeacherFn = Callable[[torch.Tensor], torch.Tensor]
@@ -72,8 +73,8 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     student = models.build(spec, *build_info(data))
     scratch = copy.deepcopy(student)
     aug = train_augment(ctx) if cfg.augment else None
-    train = dict(x=data.x_train, y=data.y_train, x_val=data.x_val, y_val=data.y_val, cfg=cfg, seed=seed,
-                 augment=aug, console=ctx.console if ctx.rank == 0 else None)
+    train = dict(train=data.train, val=data.val, cfg=cfg, seed=seed, augment=aug,
+                 console=ctx.console if ctx.rank == 0 else None)
     # 2) KD student (self: several generations, each taught by the one before)
     extra: dict = {}
     teacher_fn = base_fn = ensemble_fn(teachers, cfg.temperature)
@@ -81,22 +82,22 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
         if gen > 1:
             teacher_fn, student = _frozen(student), _fresh(spec, data, seed + gen)
         # without augmentation the teacher's outputs on the training split never change: compute them once
-        cache = None if aug is not None or cfg.mixup or cfg.method == "feature" else _logits(teacher_fn, data.x_train)
+        cache = None if aug is not None or cfg.mixup or cfg.method == "feature" else teacher_logits(teacher_fn,
+                                                                                                    data.train)
         net, loss = make_loss(cfg, student, teacher_fn, teachers[0], data.input_shape, cache)
         desc = f"student ({cfg.method} KD{f', gen {gen}' if gen > 1 else ''})"
-        h_kd = fit(net, mixed(loss, cfg.mixup, data.num_classes), desc=desc, **train)
+        h_kd = fit(net, mixed(loss, cfg.mixup, data.num_classes), desc=desc, resume=ctx.resume(desc), **train)
         if isinstance(net, Hinted):
             net.detach_hook()
         if cfg.method == "self":
             extra.setdefault("generations", []).append(
-                {"generation": gen, "val_acc": h_kd["val_acc"], "test_acc": accuracy(student, data.x_test,
-                                                                                          data.y_test)})
+                {"generation": gen, "val_acc": h_kd["val_acc"], "test_acc": accuracy(student, data.test)})
     # 3) scratch baseline: same epochs (per generation), seed, initialisation, data, schedule
     h_sc = fit(scratch, mixed(lambda m, x, y, _: F.cross_entropy(m(x), y), cfg.mixup, data.num_classes),
-               desc="student (scratch)", **train)
+               desc="student (scratch)", resume=ctx.resume("student (scratch)"), **train)
     # 4) measure, save
-    acc_t = _acc_fn(base_fn, data)
-    acc_kd, acc_sc = accuracy(student, data.x_test, data.y_test), accuracy(scratch, data.x_test, data.y_test)
+    acc_t = _acc_fn(base_fn, data.test)
+    acc_kd, acc_sc = accuracy(student, data.test), accuracy(scratch, data.test)
     if cfg.method == "adversarial":
         extra.update(_robustness(student, scratch, data, cfg))
     gap = acc_t - acc_sc
@@ -122,10 +123,11 @@ def ensemble_fn(teachers: list[nn.Module], T: float) -> TeacherFn:
         if not isinstance(t, models.OnnxModule):
             t.to(dev)
 
-    @torch.no_grad()
     def fn(x: torch.Tensor) -> torch.Tensor:
-        outs = [t(x).to(x.device) for t in teachers]
-        return outs[0] if len(outs) == 1 else kd.ensemble_logits(outs, T)
+        with torch.inference_mode():  # no autograd records at all for the frozen teacher (autocast applies)
+            outs = [t(x).to(x.device) for t in teachers]
+            out = outs[0] if len(outs) == 1 else kd.ensemble_logits(outs, T)
+        return out.clone()  # a normal tensor: autograd may save it, which it may not do with inference tensors
     return fn
 
 
@@ -243,22 +245,21 @@ def _feature_loss(cfg: Config, student: nn.Module, teacher: nn.Module | None, in
     return hinted, loss
 
 
-def attacked_accuracy(model: nn.Module, x, y, cfg: Config, batch: int = 256) -> float:
+def attacked_accuracy(model: nn.Module, split: Split, cfg: Config, batch: int = 256) -> float:
     """Accuracy on inputs perturbed by cfg's attack against the labels (cross-entropy), same eps and steps."""
     correct = 0
-    for i in range(0, len(x), batch):
-        xb, yb = torch.from_numpy(x[i:i + batch]), torch.from_numpy(y[i:i + batch])
+    for xb, yb, _ in split.batches(batch):
         adv = _attack(model, xb, kd.ce_objective(yb), cfg)
         with torch.no_grad():
             correct += int((model.eval()(adv).argmax(1) == yb).sum())
-    return correct / max(len(x), 1)
+    return correct / max(len(split), 1)
 
 
 def _robustness(student: nn.Module, scratch: nn.Module, data, cfg: Config) -> dict:
     """Both students' test accuracy under the training attack (eps, steps), aimed at the labels."""
     return {"attack": f"{cfg.attack} eps={cfg.eps}" + (f" steps={cfg.attack_steps}" if cfg.attack == "pgd" else ""),
-            "acc_kd_attacked": attacked_accuracy(student, data.x_test, data.y_test, cfg),
-            "acc_scratch_attacked": attacked_accuracy(scratch, data.x_test, data.y_test, cfg)}
+            "acc_kd_attacked": attacked_accuracy(student, data.test, cfg),
+            "acc_scratch_attacked": attacked_accuracy(scratch, data.test, cfg)}
 
 
 def _attack(model: nn.Module, x: torch.Tensor, objective, cfg: Config) -> torch.Tensor:
@@ -267,13 +268,13 @@ def _attack(model: nn.Module, x: torch.Tensor, objective, cfg: Config) -> torch.
     return kd.pgd(model, x, objective, cfg.eps, cfg.attack_steps)
 
 
-def _logits(teacher_fn: TeacherFn, x, batch: int = 512) -> torch.Tensor:
-    dev = train_device()
-    return torch.cat([teacher_fn(torch.from_numpy(x[i:i + batch]).to(dev)).cpu() for i in range(0, len(x), batch)])
-
-
-def _acc_fn(teacher_fn: TeacherFn, data) -> float:
-    return float((_logits(teacher_fn, data.x_test).argmax(1).numpy() == data.y_test).mean())
+@torch.no_grad()
+def _acc_fn(teacher_fn: TeacherFn, split: Split, batch: int = 512) -> float:
+    """Accuracy of the (ensemble) teacher function over a split, streamed."""
+    dev, correct = train_device(), 0
+    for x, y, _ in split.batches(batch):
+        correct += int((teacher_fn(x.to(dev)).argmax(1).cpu() == y).sum())
+    return correct / max(len(split), 1)
 
 
 def _frozen(student: nn.Module) -> TeacherFn:

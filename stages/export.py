@@ -26,7 +26,7 @@ class Config(BaseModel, extra="forbid"):
 def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     """Export each torch model, check the graph, compare onnxruntime with PyTorch on the same inputs."""
     data = ctx.data()
-    x = data.x_test[: cfg.parity_samples]
+    x, _ = data.test.arrays(limit=cfg.parity_samples)
     out: Artifacts = {}
     for name, art in inputs.items():
         if art.kind != "torch" or art.meta.get("role") == "extra-teacher":  # ensemble KD's aids, not candidates

@@ -15,8 +15,8 @@ from pipeline.artifacts import Artifacts
 from pipeline.context import Context
 from pipeline.errors import StageError
 from pipeline.train import kd, models
-from pipeline.train.loop import TrainConfig, accuracy, device_of, fit, predict, seed_everything
-from stages._common import load_teachers, model_artifact, train_augment
+from pipeline.train.loop import TrainConfig, accuracy, device_of, fit, seed_everything
+from stages._common import load_teachers, model_artifact, teacher_logits, train_augment
 
 
 class Config(TrainConfig):
@@ -52,7 +52,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     model = models.load(ctx.path("student.pt"), inputs["student.pt"].meta)
     teacher = load_teachers(inputs, ctx)[0]
     params0, macs0 = models.count(model, data.input_shape)
-    acc0 = accuracy(model, data.x_test, data.y_test)
+    acc0 = accuracy(model, data.test)
     # 2) prune: Torch-Pruning's dependency graph keeps coupled layers (residual adds, BN) consistent
     seed_everything(seed)
     prune_model(model, cfg, data.input_shape)
@@ -60,7 +60,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     if params1 >= params0:
         raise StageError(f"prune: nothing was removed ({params0:,} params before and after): every layer is "
                          f"ignored or rounds back up. Lower prune.round_to or shorten prune.ignored_layers.")
-    acc_pruned = accuracy(model, data.x_test, data.y_test)
+    acc_pruned = accuracy(model, data.test)
     ctx.log(f"  pruned: params {params0:,} -> {params1:,}, MACs {macs0:,} -> {macs1:,} "
             f"(x{macs0 / macs1:.2f}); test acc {acc0:.4f} -> {acc_pruned:.4f} before fine-tuning")
     # 3) fine-tune with the distillation loss
@@ -68,7 +68,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     if cfg.epochs:
         aug = train_augment(ctx)
         # without augmentation the teacher sees the same images every epoch: run it once, look outputs up by index
-        cached = None if aug is not None else torch.from_numpy(predict(teacher, data.x_train))
+        cached = None if aug is not None else teacher_logits(teacher, data.train)
 
         def kd_loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             if cached is not None:
@@ -77,10 +77,11 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
                 with torch.no_grad():
                     t = teacher(x.to(device_of(teacher))).to(x.device)
             return kd.hinton(m(x), t, y, cfg.temperature, cfg.alpha).mean()
-        history = fit(model, kd_loss, data.x_train, data.y_train, data.x_val, data.y_val, cfg, seed=seed,
-                      desc="student-pruned (KD fine-tune)", augment=aug, log=ctx.log)
+        desc = "student-pruned (KD fine-tune)"
+        history = fit(model, kd_loss, data.train, data.val, cfg, seed=seed, desc=desc, augment=aug, log=ctx.log,
+                      resume=ctx.resume(desc))
     # 4) check accuracy
-    acc1 = accuracy(model, data.x_test, data.y_test)
+    acc1 = accuracy(model, data.test)
     ctx.results["prune"] = {
         "ratio": cfg.ratio, "layer_ratios": cfg.layer_ratios, "global_pruning": cfg.global_pruning,
         "importance": cfg.importance, "round_to": cfg.round_to,

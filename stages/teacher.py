@@ -50,12 +50,11 @@ def _torch_teacher(ctx: Context, name: str, spec: ModelSpec, cfg: Config, seed: 
     # 2) train unless a checkpoint was given
     history: dict = {}
     if spec.checkpoint is None:
-        history = fit(model, lambda m, x, y, _: F.cross_entropy(m(x), y), data.x_train, data.y_train,
-                      data.x_val, data.y_val, cfg, seed=seed, desc=name,
-                      augment=train_augment(ctx),
-                      console=ctx.console if ctx.rank == 0 else None)
+        history = fit(model, lambda m, x, y, _: F.cross_entropy(m(x), y), data.train, data.val, cfg, seed=seed,
+                      desc=name, augment=train_augment(ctx), console=ctx.console if ctx.rank == 0 else None,
+                      resume=ctx.resume(name))
     # 3) measure and save
-    val, test = accuracy(model, data.x_val, data.y_val), accuracy(model, data.x_test, data.y_test)
+    val, test = accuracy(model, data.val), accuracy(model, data.test)
     ctx.log(f"  {name}: val acc {val:.4f}, test acc {test:.4f} (PyTorch)")
     res = {"val_acc": val, "test_acc": test, "source": "checkpoint" if spec.checkpoint else "trained",
            "epochs_run": history.get("epochs_run", 0), "history": history.get("history", [])}
@@ -69,7 +68,7 @@ def _onnx_teacher(ctx: Context, name: str, spec: ModelSpec, role: str) -> tuple[
         for f in files(src):
             shutil.copy2(f, ctx.path(f"{name}.onnx" if f == src else f.name))
     teacher = models.OnnxModule(src)  # the source, not the copy: other ranks must not wait for rank 0's copy
-    val, test = accuracy(teacher, data.x_val, data.y_val), accuracy(teacher, data.x_test, data.y_test)
+    val, test = accuracy(teacher, data.val), accuracy(teacher, data.test)
     ctx.log(f"  {name} (ONNX, onnxruntime): val acc {val:.4f}, test acc {test:.4f}")
     art = Artifact(name=f"{name}.onnx", kind="onnx", stage="teacher",
                    meta={"role": role, "precision": "fp32", "val_acc": val, "torch_test_acc": test,

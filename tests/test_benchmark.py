@@ -55,7 +55,7 @@ def test_ort_accuracy_equals_pytorch_accuracy(real_run):
     for name, stage in (("teacher", "teacher"), ("student", "distill"), ("student-scratch", "distill")):
         model = models.load(real_run / f"{name}.pt", record[stage]["outputs"][f"{name}.pt"]["meta"])
         row = next(r for r in report["rows"] if r["artifact"] == f"{name}.onnx" and r["status"] == "measured")
-        assert row["accuracy"] == pytest.approx(accuracy(model, splits.x_test, splits.y_test), abs=1e-9)
+        assert row["accuracy"] == pytest.approx(accuracy(model, splits.test), abs=1e-9)
         assert "onnxruntime" in row["accuracy_source"]
 
 

@@ -45,14 +45,15 @@ def test_imagefolder_with_train_and_test_folders_grayscale(tmp_path):
     cfg = DataConfig(kind="imagefolder", root=tmp_path / "data", image_size=8, channels=1)
     s = load_splits(cfg, seed=0, run_dir=tmp_path)
     assert s.classes == [str(c) for c in range(10)] and s.input_shape == (1, 8, 8)
-    assert len(s.x_test) == 40 and len(s.x_train) + len(s.x_val) == 10 * PER_CLASS
-    _assert_stratified(s.y_val, 10)  # val taken from train/
+    assert len(s.test) == 40 and len(s.train) + len(s.val) == 10 * PER_CLASS
+    _assert_stratified(s.val.labels, 10)  # val taken from train/
     # mean and std were fitted on train and recorded
-    assert abs(s.x_train.mean()) < 1e-4 and s.x_train.std() == pytest.approx(1, abs=1e-3)
+    x_train = s.train.arrays()[0]
+    assert abs(x_train.mean()) < 1e-4 and x_train.std() == pytest.approx(1, abs=1e-3)
     assert s.preprocessing["mean_std_from"] == "train split"
     # the split file lists, relative to data.root, disjoint, test from test/
     splits = json.loads((tmp_path / "splits.json").read_text())
-    assert len(splits["train"]) == len(s.x_train) and all(p.startswith("test/") for p in splits["test"])
+    assert len(splits["train"]) == len(s.train) and all(p.startswith("test/") for p in splits["test"])
     assert not set(splits["train"]) & set(splits["val"])
 
 
@@ -62,9 +63,9 @@ def test_single_folder_rgb_resized_split_by_recipe_stratified_and_seeded(tmp_pat
                      mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "c").mkdir()
     s = load_splits(cfg, seed=0, run_dir=tmp_path / "a")
-    assert s.x_train.shape[1:] == (3, 16, 16) and s.preprocessing["mean"] == [0.5] * 3
-    _assert_stratified(s.y_test, 10)
-    x_raw = s.x_test * 0.25 + 0.5
+    assert s.input_shape == (3, 16, 16) and s.preprocessing["mean"] == [0.5] * 3
+    _assert_stratified(s.test.labels, 10)
+    x_raw = s.test.arrays()[0] * 0.25 + 0.5
     assert (x_raw[:, 0] >= x_raw[:, 1] - 1e-3).all()  # the channels kept their order (R = a, G = a/2)
     load_splits(cfg, seed=0, run_dir=tmp_path / "b")
     load_splits(cfg, seed=1, run_dir=tmp_path / "c")
@@ -99,9 +100,8 @@ def test_no_augmentation_configured_is_none_and_fit_augments_training_batches_on
 
     s = load_splits(DataConfig(), seed=0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
-    fit(model, lambda m, x, y, _: torch.nn.functional.cross_entropy(m(x), y), s.x_train, s.y_train, s.x_val,
-        s.y_val, TrainConfig(epochs=2, batch_size=256, lr=0.05), seed=0, desc="spy", augment=spy)
-    assert seen and sum(seen) == 2 * len(s.x_train)  # every training sample, each epoch; never val or test
+    fit(model, lambda m, x, y, _: torch.nn.functional.cross_entropy(m(x), y), s.train, s.val, TrainConfig(epochs=2, batch_size=256, lr=0.05), seed=0, desc="spy", augment=spy)
+    assert seen and sum(seen) == 2 * len(s.train)  # every training sample, each epoch; never val or test
 
 
 def test_pixels_shifted_in_are_the_fill_value_not_the_normalised_mean():

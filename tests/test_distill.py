@@ -18,7 +18,7 @@ from pipeline.context import Context
 from pipeline.errors import StageError
 from pipeline.train import kd, models
 from pipeline.train.data import load_splits
-from pipeline.train.loop import TrainConfig, _lr_factor, accuracy, fit, pick_threads, seed_everything
+from pipeline.train.loop import TrainConfig, lr_factor, accuracy, fit, pick_threads, seed_everything
 from stages import distill, export, teacher
 from tests.conftest import FAST
 
@@ -57,7 +57,8 @@ def batch():
     s = load_splits(_recipe().data, seed=0)
     student = models.build(ModelSpec.model_validate(STUDENT), 1, 10, 8).eval()  # eval: BN running stats,
     teach = models.build(ModelSpec(arch="cnn", kwargs={"channels": [16, 32]}), 1, 10, 8).eval()  # no batch noise
-    return torch.from_numpy(s.x_train[:32]), torch.from_numpy(s.y_train[:32]), student, teach
+    x, y = s.train.arrays(limit=32)
+    return torch.from_numpy(x), torch.from_numpy(y), student, teach
 
 
 def _hinton(student, t_logits, x, y):
@@ -159,7 +160,7 @@ def test_each_method_trains_a_student_and_reports_the_gap(taught, method, over):
         assert [g["generation"] for g in r["generations"]] == [1, 2]
         assert r["generations"][1]["test_acc"] == pytest.approx(r["acc_kd"])
     student = models.load(run_dir / "student.pt", out["student.pt"].meta)
-    assert accuracy(student, data.x_test, data.y_test) == pytest.approx(r["acc_kd"])
+    assert accuracy(student, data.test) == pytest.approx(r["acc_kd"])
 
 
 def test_ensemble_without_extra_teachers_is_refused(taught):
@@ -194,7 +195,7 @@ def test_a_student_distilled_from_an_onnx_teacher(taught, tmp_path):
     assert set(t_out) == {"teacher.onnx"} and (tmp_path / "teacher.onnx").exists()
     distill.run(t_out, recipe.distill, ctx)
     r = ctx.results["distill"]
-    assert r["acc_teacher"] == pytest.approx(accuracy(torch_teacher, data.x_test, data.y_test), abs=1 / 360)
+    assert r["acc_teacher"] == pytest.approx(accuracy(torch_teacher, data.test), abs=1 / 360)
     assert r["acc_kd"] > 0.3
     recipe.distill.method = "feature"
     with pytest.raises(StageError, match="needs a PyTorch teacher"):
@@ -211,7 +212,7 @@ def test_imagefolder_recipe_with_a_factory_teacher_checkpoint_runs_end_to_end(tm
     s = load_splits(recipe_model().model_validate(
         {"name": "x", "models": {"teacher": STUDENT, "student": STUDENT},
          "data": {"kind": "imagefolder", "root": tmp_path / "images"}}).data, seed=0)
-    fit(net, lambda m, x, y, _: F.cross_entropy(m(x), y), s.x_train, s.y_train, s.x_val, s.y_val,
+    fit(net, lambda m, x, y, _: F.cross_entropy(m(x), y), s.train, s.val,
         TrainConfig(epochs=15, lr=0.02), seed=0, desc="factory teacher")
     torch.save({"state_dict": net.state_dict()}, tmp_path / "teacher.pt")
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({
@@ -251,7 +252,7 @@ def _train(digits, cfg: TrainConfig, loss=None, model=None, seed=0):
     seed_everything(seed)  # the initialisation too, as the stages do
     model = model or models.build(ModelSpec.model_validate(STUDENT), 1, 10, 8)
     loss = loss or (lambda m, x, y, _: F.cross_entropy(m(x), y))
-    h = fit(model, loss, digits.x_train, digits.y_train, digits.x_val, digits.y_val, cfg, seed=seed, desc="s")
+    h = fit(model, loss, digits.train, digits.val, cfg, seed=seed, desc="s")
     return model, h
 
 
@@ -259,7 +260,7 @@ def test_training_is_deterministic_on_cpu(digits):
     cfg = TrainConfig(epochs=2, lr=0.01)
     (a, ha), (b, hb) = _train(digits, cfg), _train(digits, cfg)
     assert ha["history"] == hb["history"]
-    assert accuracy(a, digits.x_test, digits.y_test) == accuracy(b, digits.x_test, digits.y_test)
+    assert accuracy(a, digits.test) == accuracy(b, digits.test)
     assert _train(digits, cfg, seed=1)[1]["history"] != ha["history"]
 
 
@@ -305,26 +306,26 @@ def test_early_stopping_stops_after_patience_epochs_without_a_better_val_acc(dig
 
 def test_keep_last_returns_the_last_epoch_and_ema_returns_the_average(digits):
     model, h = _train(digits, TrainConfig(epochs=3, lr=0.01, keep="last"))
-    assert accuracy(model, digits.x_val, digits.y_val) == pytest.approx(h["history"][-1]["val_acc"], abs=1e-4)
+    assert accuracy(model, digits.val) == pytest.approx(h["history"][-1]["val_acc"], abs=1e-4)
     averaged, h_ema = _train(digits, TrainConfig(epochs=3, lr=0.01, keep="last", ema=0.9))
     assert h_ema["history"] != h["history"]  # validated on the average, not on the raw weights
-    assert accuracy(averaged, digits.x_val, digits.y_val) == pytest.approx(h_ema["history"][-1]["val_acc"], abs=1e-4)
+    assert accuracy(averaged, digits.val) == pytest.approx(h_ema["history"][-1]["val_acc"], abs=1e-4)
 
 
 def test_schedules_warm_up_then_decay():
     cos = TrainConfig(epochs=10, schedule="cosine", warmup_epochs=2)
-    assert _lr_factor(cos, 0, 10) == pytest.approx(0, abs=1e-6) and _lr_factor(cos, 10, 10) == pytest.approx(
+    assert lr_factor(cos, 0, 10) == pytest.approx(0, abs=1e-6) and lr_factor(cos, 10, 10) == pytest.approx(
         0.5 * 0.5 * (1 + np.cos(np.pi * 0.1)))
-    assert _lr_factor(cos, 50, 10) == pytest.approx(0.5) and _lr_factor(cos, 100, 10) == pytest.approx(0)
+    assert lr_factor(cos, 50, 10) == pytest.approx(0.5) and lr_factor(cos, 100, 10) == pytest.approx(0)
     step = TrainConfig(epochs=30, schedule="step", step_size=10, warmup_epochs=0)
-    assert [_lr_factor(step, s * 10, 10) for s in (9, 10, 25)] == pytest.approx([1, 0.1, 0.01])
+    assert [lr_factor(step, s * 10, 10) for s in (9, 10, 25)] == pytest.approx([1, 0.1, 0.01])
 
 
 def test_the_stage_config_forbids_unknown_keys_and_documents_every_field():
     with pytest.raises(Exception, match="extra"):
         distill.Config(temperture=4)
     assert all(f.description for f in distill.Config.model_fields.values())
-    with pytest.raises(Exception, match="'hinton', 'feature', 'dynamic', 'adversarial', 'self' or 'ensemble'"):
+    with pytest.raises(Exception, match="'hinton', 'feature', 'dynamic', 'adversarial', 'self', 'ensemble', 'dkd' or 'dist'"):
         distill.Config(method="fitnets")
 
 
@@ -332,8 +333,7 @@ def test_the_progress_bar_shows_epochs_loss_and_val_acc_and_is_silent_without_a_
     import io
     buf = io.StringIO()
     model = models.build(ModelSpec.model_validate(STUDENT), 1, 10, 8)
-    fit(model, lambda m, x, y, _: F.cross_entropy(m(x), y), digits.x_train, digits.y_train, digits.x_val,
-        digits.y_val, TrainConfig(epochs=2, lr=0.01), seed=0, desc="student (scratch)",
+    fit(model, lambda m, x, y, _: F.cross_entropy(m(x), y), digits.train, digits.val, TrainConfig(epochs=2, lr=0.01), seed=0, desc="student (scratch)",
         console=Console(file=buf, width=160))
     assert re.search(r"student \(scratch\) .* 2/2 loss \d\.\d{4}  val acc 0\.\d{4} \(best 0\.\d{4}\)",
                      buf.getvalue())

@@ -55,7 +55,9 @@ def test_two_gloo_ranks_match_one_process_and_only_rank_0_writes(tmp_path):
         assert results[key] == pytest.approx(single.results["distill"][key], abs=TOLERANCE), key
     written = {p.name for p in ddp.iterdir()}
     assert written == {"recipe.json", "profile.json", "run.json", "splits.json", "teacher.pt", "student.pt",
-                       "student-scratch.pt", ".teacher.distributed.json", ".distill.distributed.json"}
+                       "student-scratch.pt", ".teacher.distributed.json", ".distill.distributed.json",
+                       ".checkpoints"}  # rank 0's per-epoch checkpoints (the runner removes them after the stage)
+    assert len(list((ddp / ".checkpoints").rglob("*.pt"))) == 3  # one per fit: teacher, KD student, scratch
 
 
 def test_a_stage_error_on_the_ranks_comes_back_as_the_same_error(tmp_path):

@@ -35,10 +35,10 @@ def trained(tmp_path_factory) -> tuple[Context, dict]:
     cfg, inputs = TrainConfig(epochs=8, lr=0.01), {}
     for name, spec in (("teacher", TEACHER), ("student", STUDENT)):
         m = models.build(spec, *build_info(d))
-        fit(m, lambda m, x, y, _: F.cross_entropy(m(x), y), d.x_train, d.y_train, d.x_val, d.y_val, cfg, seed=0,
+        fit(m, lambda m, x, y, _: F.cross_entropy(m(x), y), d.train, d.val, cfg, seed=0,
             desc=name)
         inputs[f"{name}.pt"] = model_artifact(ctx, m, f"{name}.pt", name, spec,
-                                              test_acc=accuracy(m, d.x_test, d.y_test))
+                                              test_acc=accuracy(m, d.test))
     return ctx, inputs
 
 
@@ -85,7 +85,7 @@ def test_stage_saves_whole_pruned_module_with_counted_meta(ctx, pruned):
     model = models.load(ctx.path(art.name), meta)  # whole module: loads without the original class shape
     assert models.count(model, ctx.data().input_shape) == (meta["params"], meta["macs"])
     d = ctx.data()
-    assert accuracy(model, d.x_test, d.y_test) == pytest.approx(res["acc_after_finetune"])
+    assert accuracy(model, d.test) == pytest.approx(res["acc_after_finetune"])
     # fine-tuning with the teacher brings it back within a few points of the unpruned student
     assert res["acc_after_finetune"] >= res["acc_before"] - 0.05, res
 
@@ -95,7 +95,7 @@ def test_pruned_model_exports_and_matches_pytorch(ctx, pruned, tmp_path):
     model = models.load(ctx.path("student-pruned.pt"), out["student-pruned.pt"].meta)
     path = tmp_path / "student-pruned.onnx"
     torch2onnx(model, path, ctx.data().input_shape, ExportConfig())
-    x = ctx.data().x_test[:64]
+    x, _ = ctx.data().test.arrays(limit=64)
     got, want = logits(open_session(path, CPU, threads=1), x), predict(model, x)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)
 

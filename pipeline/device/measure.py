@@ -48,11 +48,13 @@ def skipped(e: ModelEntry, provider: str, where: dict, reason: str, backend: str
 
 def measure(entries: list[ModelEntry], providers: list[str], s: BenchSettings, x: np.ndarray, y: np.ndarray,
             ref_preds: dict[str, np.ndarray], where: dict, *, meter=None, no_meter_energy=None,
-            cache_dir: Path | None = None, log=print) -> list[dict]:
+            cache_dir: Path | None = None, log=print, evaluate=None) -> list[dict]:
     """Open every (model, provider, threads) session, time them interleaved, then fill one row per
     (model, provider) from its fastest thread count.
 
     ref_preds: name -> predictions to report agreement with ("teacher", and the FP32 source of a quantized model).
+    evaluate(sess) -> predictions over the whole test split, whose labels are y (the host streams a split too
+    large to hold; x is then a small batch for timing); default: the predictions on x.
     no_meter_energy(latency_ms) -> (mj | None, source) is called when no meter is usable.
     """
     rows: list[dict] = []
@@ -89,8 +91,7 @@ def measure(entries: list[ModelEntry], providers: list[str], s: BenchSettings, x
                "latency_source": f"measured: onnxruntime {prov}, {len(best.samples)} timed runs, interleaved"}
         if prov == "TensorrtExecutionProvider":  # the first run built the engine: build time, not latency
             row["build_time_s"] = best.first_run_ms / 1e3
-        out = logits(best.sess, x)
-        pred = out.argmax(1)
+        pred = evaluate(best.sess) if evaluate is not None else logits(best.sess, x).argmax(1)
         row["accuracy"] = float((pred == y).mean())
         row["accuracy_n"] = len(y)  # images behind the figure: one of them is 1/n of accuracy
         row["accuracy_source"] = f"measured: this artifact through onnxruntime {prov} on the test split (n={len(y)})"

@@ -134,7 +134,7 @@ def _test_batch(path: Path, run_dir: Path, recipe: dict, splits: dict, artifact:
             or want.get("image_size") != have.get("image_size"):
         raise ConfigError(f"{run_dir}: the data loads with other preprocessing than the run recorded "
                           f"(splits.json {want} vs now {have}); the data changed since the run: rerun it.")
-    x, y = data.x_test[:TEST_BATCH], data.y_test[:TEST_BATCH]
+    x, y = data.test.arrays(limit=TEST_BATCH)
     refs = {"ref_host": predictions(run_dir / artifact, x)}
     if (run_dir / "teacher.onnx").is_file():
         refs["ref_teacher"] = predictions(run_dir / "teacher.onnx", x)

@@ -24,6 +24,8 @@ from pipeline.ship import ssh as sshlink
 from pipeline.train.data import Splits
 
 DEVICE_DIR = Path(__file__).resolve().parent.parent / "device"
+# test images copied to the device for its accuracy rows: the first N of the test split (the row says n=)
+DEVICE_TEST_IMAGES = 2000
 
 
 # what only this machine knows (its key, its known_hosts) or the device's interpreter: these win over a profile's
@@ -75,9 +77,9 @@ def stage_kit(kit: Path, models: list[ModelEntry], data: Splits, refs: dict[str,
         shutil.rmtree(kit)
     (kit / "data").mkdir(parents=True)
     copy_payload(kit, [m.path for m in models])
-    n = n_test or len(data.x_test)
-    np.savez(kit / "data" / "test_batch.npz", x=data.x_test[:n], y=data.y_test[:n],
-             **{f"ref_{k}": v[:n] for k, v in refs.items()})
+    x, y = data.test.arrays(limit=n_test or DEVICE_TEST_IMAGES)
+    n = len(y)
+    np.savez(kit / "data" / "test_batch.npz", x=x, y=y, **{f"ref_{k}": v[:n] for k, v in refs.items()})
     listed = checksums(kit)
     manifest = {"kind": "benchmark-kit", "run_id": ctx.run_dir.name, "files": listed,
                 "models": [{"name": m.name, "file": f"models/{m.path.name}", "precision": m.precision,

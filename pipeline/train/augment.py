@@ -36,7 +36,9 @@ class BatchAugment(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
-        c, n, (h, w) = self.cfg, len(x), x.shape[-2:]
+        # random draws on the CPU generator whatever the device: the same seed gives the same batches anywhere
+        c, n, (h, w), dev = self.cfg, len(x), x.shape[-2:], x.device
+        fill = self.fill.to(dev)
         if c.rotation_deg or c.scale or c.random_crop_padding:
             angle = (torch.rand(n) * 2 - 1) * c.rotation_deg * torch.pi / 180
             lo, hi = c.scale or (1.0, 1.0)
@@ -45,17 +47,16 @@ class BatchAugment(nn.Module):
             shift = torch.randint(-p, p + 1, (n, 2)).float() * 2 / torch.tensor([w, h])  # pixels -> [-1, 1] units
             cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale  # output -> input sampling: inverse map
             theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            grid = F.affine_grid(theta.to(dev, x.dtype), list(x.shape), align_corners=False)
             # grid_sample pads with zeros: shift by the fill value so that the padding comes out as `fill`
-            x = F.grid_sample(x - self.fill, grid, mode="bilinear", padding_mode="zeros",
-                              align_corners=False) + self.fill
+            x = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
         if c.hflip:
-            x = torch.where((torch.rand(n) < c.hflip)[:, None, None, None], x.flip(-1), x)
+            x = torch.where((torch.rand(n) < c.hflip).to(dev)[:, None, None, None], x.flip(-1), x)
         if c.vflip:
-            x = torch.where((torch.rand(n) < c.vflip)[:, None, None, None], x.flip(-2), x)
+            x = torch.where((torch.rand(n) < c.vflip).to(dev)[:, None, None, None], x.flip(-2), x)
         if c.color_jitter:  # on normalised tensors: a gain and an offset per sample (ColorJitter assumes [0, 1])
-            gain = 1 + (torch.rand(n, 1, 1, 1) * 2 - 1) * c.color_jitter
-            x = x * gain + (torch.rand(n, 1, 1, 1) * 2 - 1) * c.color_jitter
+            gain = (1 + (torch.rand(n, 1, 1, 1) * 2 - 1) * c.color_jitter).to(dev)
+            x = x * gain + ((torch.rand(n, 1, 1, 1) * 2 - 1) * c.color_jitter).to(dev)
         if c.gaussian_noise:
-            x = x + torch.randn_like(x) * c.gaussian_noise
+            x = x + torch.randn(x.shape).to(dev) * c.gaussian_noise
         return x

@@ -6,8 +6,11 @@ on CPU, a rich progress bar per model (one row, updated each epoch with the loss
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
@@ -16,6 +19,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from pipeline.errors import StageError
+from pipeline.train.data import Split
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -46,6 +50,10 @@ class TrainConfig(BaseModel, extra="forbid"):
                                                            "weights, which is validated and kept (steadier tiny nets)")
     threads: int = Field(0, ge=0, description="intra-op CPU threads; 0 = 1 for small models (see SMALL_BATCH_MACS), "
                                               "else the cores divided among torchrun ranks")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto", description="mixed precision on a CUDA GPU: auto = bf16 where supported; fp16 uses a GradScaler; "
+                            "always off on the CPU")
+    channels_last: bool | None = Field(None, description="NHWC memory format for convolutions; None = on a GPU only")
 
 
 def seed_everything(seed: int) -> None:
@@ -70,7 +78,7 @@ def device_of(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: np.ndarray, batch: int = 512) -> np.ndarray:
-    """Logits for a numpy batch, in eval mode."""
+    """Logits for a small numpy batch (parity checks, tests), in eval mode."""
     was = model.training
     model.eval()
     dev = device_of(model)
@@ -79,11 +87,21 @@ def predict(model: nn.Module, x: np.ndarray, batch: int = 512) -> np.ndarray:
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
-def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    return float((predict(model, x).argmax(1) == y).mean())
+@torch.no_grad()
+def accuracy(model: nn.Module, split: Split, batch: int = 512) -> float:
+    """Top-1 accuracy over a split, streamed batch by batch (nothing but the count is kept)."""
+    was = model.training
+    model.eval()
+    dev = device_of(model)
+    correct = seen = 0
+    for x, y, _ in split.batches(batch):
+        correct += int((model(x.to(dev)).argmax(1).cpu() == y).sum())
+        seen += len(y)
+    model.train(was)
+    return correct / max(seen, 1)
 
 
-def _lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     epoch = step / max(steps_per_epoch, 1)
     warm = min(1.0, (epoch + 1e-9) / cfg.warmup_epochs) if cfg.warmup_epochs else 1.0
     if cfg.schedule == "cosine":
@@ -137,99 +155,260 @@ def _conv_linear_macs(model: nn.Module, sample_shape: tuple[int, ...]) -> int:
     return total[0]
 
 
-def fit(model: nn.Module, loss_fn: LossFn, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-        cfg: TrainConfig, *, seed: int, desc: str, augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        extra_params: list[nn.Parameter] | None = None, log: Callable[[str], None] | None = None,
-        console=None) -> dict:
+@dataclass
+class Resume:
+    """Where one fit() checkpoints after every epoch, and the key that makes a checkpoint usable.
+
+    The key covers the stage's cache key (config, recipe data and models, input hashes) and the fit's
+    description, so a checkpoint from other settings or other inputs is never loaded.
+    """
+    path: Path
+    key: str
+
+
+def fit(model: nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: TrainConfig, *, seed: int, desc: str,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None, log: Callable[[str], None] | None = None,
+        console=None, resume: Resume | None = None) -> dict:
     """Train in place; keep the weights of the best validation epoch (or the last: cfg.keep). Returns the history.
 
     loss_fn(model, xb, yb, idx) gets the batch indices so KD methods can look up precomputed teacher outputs.
     Under torchrun each step's global batch perm[i:i+B] is split across ranks (rank r takes every world-th
     sample), so the DDP-averaged gradient is the single-process gradient up to BatchNorm batch statistics
-    (per rank on CPU: no SyncBatchNorm there) and augmentation draws. `console`: a rich Console for the progress
-    bar (rank 0 only); `log`: one summary line when done.
+    (per rank on CPU: no SyncBatchNorm there) and augmentation draws. `resume`: checkpoint every epoch and,
+    when a checkpoint with the same key exists, continue after its last finished epoch (bit for bit on CPU).
+    `console`: a rich Console for the progress bar (rank 0 only); `log`: one summary line when done.
     """
+    # 1) seed, threads, device, precision
     seed_everything(seed)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(pick_threads(cfg, model, tuple(x.shape[1:]), world))
+    torch.set_num_threads(pick_threads(cfg, model, train.input_shape, world))
     dev = train_device()
+    prec = Precision(cfg, dev)
     model.to(dev)
+    if prec.memory_format is torch.channels_last:
+        model.to(memory_format=torch.channels_last)
     net = model
     if world > 1:  # launched by torchrun; the process group is set up by pipeline.distributed
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    params = list(net.parameters()) + list(extra_params or [])
+    # 2) optimiser, keeper (best/EMA/early stop), the shuffling generator; or all of them from a checkpoint
+    params = list(net.parameters())
     opt = _optimizer(cfg, params)
-    ema = _ema(model, cfg.ema) if cfg.ema else None
-    kept = ema.module if ema is not None else model  # the weights validated, kept and returned
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    n = len(x)
+    keeper = Keeper(model, cfg, chance=1.0 / max(len(np.unique(train.labels)), 1))
     g = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    chance = 1.0 / max(len(np.unique(y)), 1)
-    best_acc, best_state, stale, step, last_finite = -1.0, None, 0, 0, None
-    history: list[dict] = []
-    bar = _Bar(console if rank == 0 else None, desc, cfg.epochs)
+    state = _TrainState()
+    done = _restore(resume, model, opt, keeper, prec, g, state, dev)
+    bar = _Bar(console if rank == 0 and done is None else None, desc, cfg.epochs)
     try:
-        for epoch in range(cfg.epochs):
-            net.train()
-            perm = torch.randperm(n, generator=g)  # same on every rank: each takes its part of each batch below
-            total = torch.zeros(2, dtype=torch.float64)  # loss sum, samples
-            for i in range(0, n, cfg.batch_size):
-                if min(cfg.batch_size, n - i) < world:  # a last batch too small to give every rank a sample
-                    break
-                idx = perm[i:i + cfg.batch_size][rank::world]
-                xb, yb = xt[idx], yt[idx]
-                if augment is not None:
-                    xb = augment(xb)
-                for grp in opt.param_groups:
-                    grp["lr"] = cfg.lr * _lr_factor(cfg, step, steps_per_epoch)
-                loss = loss_fn(net, xb.to(dev), yb.to(dev), idx)
-                value = loss.item()
-                if not math.isfinite(value) or value > 1e4:
-                    raise StageError(f"{desc}: loss became {value:.4g} at epoch {epoch + 1}, step {step} (last "
-                                     f"finite loss {last_finite}). Lower the LR, raise warmup_epochs or set "
-                                     f"grad_clip.")
-                last_finite = round(value, 5)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                step += 1
-                total += torch.tensor([value * len(idx), len(idx)], dtype=torch.float64)
+        # 3) epochs: train, validate, keep, checkpoint
+        for epoch in range(state.epoch, cfg.epochs if done is None else 0):
+            loss = _epoch(net, loss_fn, train, cfg, opt, keeper, prec, g, state, augment, dev, epoch, desc,
+                          world, rank)
             if world > 1:
-                _sync_ranks([model, kept], total)
-            epoch_loss = round(float(total[0] / max(total[1], 1)), 5)
-            val_acc = accuracy(kept, x_val, y_val)
-            history.append({"epoch": epoch + 1, "loss": epoch_loss, "val_acc": round(val_acc, 4)})
-            bar.update(epoch + 1, epoch_loss, val_acc, max(best_acc, val_acc))
-            if val_acc > best_acc:
-                best_acc, stale = val_acc, 0
-                best_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
-            else:
-                stale += 1
-                if cfg.patience and stale >= cfg.patience:
-                    break
+                _sync_ranks([model, keeper.kept], loss)
+            epoch_loss = round(float(loss[0] / max(loss[1], 1)), 5)
+            val_acc = accuracy(keeper.kept, val)
+            state.history.append({"epoch": epoch + 1, "loss": epoch_loss, "val_acc": round(val_acc, 4)})
+            stop = keeper.update(val_acc)
+            bar.update(epoch + 1, epoch_loss, val_acc, keeper.best_acc)
+            state.epoch = epoch + 1
+            _checkpoint(resume, rank, model, opt, keeper, prec, g, state)
+            _fault_after(desc, state.epoch)
+            if stop:
+                break
     finally:
         bar.close()
         torch.set_num_threads(threads_before)
-    if cfg.keep == "last" and ema is not None:
-        model.load_state_dict(kept.state_dict())
-    elif cfg.keep == "best" and best_state is not None:
-        model.load_state_dict(best_state)
+    # 4) the weights returned, the collapse check, the result
+    if done is None:
+        keeper.finish(model)
+        done = {"history": state.history, "best_val_acc": keeper.best_acc, "epochs_run": len(state.history),
+                "val_acc": state.history[-1]["val_acc"] if cfg.keep == "last" and state.history else keeper.best_acc}
+        _checkpoint(resume, rank, model, opt, keeper, prec, g, state, result=done)
     model.cpu().eval()
     if log and rank == 0:
-        log(f"  {desc}: {len(history)} epochs, best val acc {best_acc:.4f}")
-    if cfg.epochs and best_acc <= chance + 0.05:
-        raise StageError(f"{desc}: collapsed: best validation accuracy {best_acc:.3f} is at chance ({chance:.3f}). "
-                         f"This is a failed run, not a result: lower the LR, raise warmup_epochs, or lower "
-                         f"the temperature/alpha.")
-    val_acc = history[-1]["val_acc"] if cfg.keep == "last" and history else best_acc
-    return {"history": history, "best_val_acc": best_acc, "val_acc": val_acc, "epochs_run": len(history)}
+        log(f"  {desc}: {done['epochs_run']} epochs, best val acc {done['best_val_acc']:.4f}")
+    if cfg.epochs and done["best_val_acc"] <= keeper.chance + 0.05:
+        raise StageError(f"{desc}: collapsed: best validation accuracy {done['best_val_acc']:.3f} is at chance "
+                         f"({keeper.chance:.3f}). This is a failed run, not a result: lower the LR, raise "
+                         f"warmup_epochs, or lower the temperature/alpha.")
+    return done
+
+
+@dataclass
+class _TrainState:
+    epoch: int = 0                  # epochs finished
+    step: int = 0                   # optimiser steps taken (drives the LR schedule)
+    last_finite: float | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def _epoch(net, loss_fn: LossFn, train: Split, cfg: TrainConfig, opt, keeper: "Keeper", prec: "Precision",
+           g: torch.Generator, state: _TrainState, augment, dev: torch.device, epoch: int, desc: str, world: int,
+           rank: int) -> torch.Tensor:
+    """One pass over the training split; returns (loss sum, samples) as float64."""
+    net.train()
+    n = len(train)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    perm = torch.randperm(n, generator=g)  # same on every rank: each takes its part of each batch below
+    # a last batch too small to give every rank a sample is dropped
+    order = [perm[i:i + cfg.batch_size][rank::world] for i in range(0, n, cfg.batch_size)
+             if min(cfg.batch_size, n - i) >= world]
+    total = torch.zeros(2, dtype=torch.float64)
+    for xb, yb, idx in train.batches(order=order, pin=dev.type == "cuda"):
+        xb = xb.to(dev, non_blocking=True)
+        if prec.memory_format is torch.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        yb = yb.to(dev, non_blocking=True)
+        if augment is not None:
+            xb = augment(xb)
+        for grp in opt.param_groups:
+            grp["lr"] = cfg.lr * lr_factor(cfg, state.step, steps_per_epoch)
+        with prec.autocast():
+            loss = loss_fn(net, xb, yb, idx)
+        value = loss.item()
+        if not math.isfinite(value) or value > 1e4:
+            raise StageError(f"{desc}: loss became {value:.4g} at epoch {epoch + 1}, step {state.step} (last "
+                             f"finite loss {state.last_finite}). Lower the LR, raise warmup_epochs or set grad_clip.")
+        state.last_finite = round(value, 5)
+        opt.zero_grad(set_to_none=True)
+        prec.backward(loss, opt, cfg.grad_clip)
+        keeper.step(net)
+        state.step += 1
+        total += torch.tensor([value * len(idx), len(idx)], dtype=torch.float64)
+    return total
+
+
+class Keeper:
+    """What fit() returns: the best validation epoch's weights (or the last), of the model or its EMA."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, chance: float):
+        self.cfg, self.chance = cfg, chance
+        self.ema = _ema(model, cfg.ema) if cfg.ema else None
+        self.kept = self.ema.module if self.ema is not None else model  # the weights validated, kept and returned
+        self.best_acc, self.best_state, self.stale = -1.0, None, 0
+
+    def step(self, net: nn.Module) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(_unwrap(net))
+
+    def update(self, val_acc: float) -> bool:
+        """Record an epoch's validation accuracy; True when early stopping says stop."""
+        if val_acc > self.best_acc:
+            self.best_acc, self.stale = val_acc, 0
+            self.best_state = {k: v.detach().clone() for k, v in self.kept.state_dict().items()}
+            return False
+        self.stale += 1
+        return bool(self.cfg.patience and self.stale >= self.cfg.patience)
+
+    def finish(self, model: nn.Module) -> None:
+        if self.cfg.keep == "last" and self.ema is not None:
+            model.load_state_dict(self.kept.state_dict())
+        elif self.cfg.keep == "best" and self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+    def state_dict(self) -> dict:
+        return {"best_acc": self.best_acc, "best_state": self.best_state, "stale": self.stale,
+                "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.best_acc, self.best_state, self.stale = d["best_acc"], d["best_state"], d["stale"]
+        if self.ema is not None:
+            self.ema.load_state_dict(d["ema"])
+
+
+class Precision:
+    """Mixed precision and memory format for one fit: autocast, a GradScaler for fp16, clipping, channels_last.
+
+    amp auto = bf16 on a CUDA GPU that supports it, else off. On the CPU autocast stays off: without AMX,
+    bf16 matmuls are slower than fp32 there, and the CPU results must stay bit-identical across a resume.
+    """
+
+    def __init__(self, cfg: TrainConfig, dev: torch.device):
+        amp = cfg.amp
+        if amp == "auto":
+            amp = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+        if dev.type != "cuda":
+            amp = "off"
+        self.amp, self.dev = amp, dev
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+        cl = cfg.channels_last if cfg.channels_last is not None else dev.type == "cuda"
+        self.memory_format = torch.channels_last if cl else torch.preserve_format
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dev.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor, opt, grad_clip: float | None) -> None:
+        params = [p for grp in opt.param_groups for p in grp["params"]]
+        if self.scaler is None:
+            loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            return
+        self.scaler.scale(loss).backward()
+        if grad_clip:
+            self.scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(params, grad_clip)
+        self.scaler.step(opt)
+        self.scaler.update()
+
+
+def _checkpoint(resume: Resume | None, rank: int, model, opt, keeper: Keeper, prec: Precision, g, state: _TrainState,
+                result: dict | None = None) -> None:
+    """Everything the next epoch depends on, written atomically (rank 0): a kill loses at most one epoch."""
+    if resume is None or rank != 0:
+        return
+    payload = {"key": resume.key, "epoch": state.epoch, "step": state.step, "last_finite": state.last_finite,
+               "history": state.history, "model": model.state_dict(), "optimizer": opt.state_dict(),
+               "keeper": keeper.state_dict(), "scaler": prec.scaler.state_dict() if prec.scaler else None,
+               "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "shuffle": g.get_state(),
+                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               "result": result}
+    resume.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = resume.path.with_name(f".{resume.path.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, resume.path)
+
+
+def _restore(resume: Resume | None, model, opt, keeper: Keeper, prec: Precision, g, state: _TrainState, dev
+             ) -> dict | None:
+    """Load a matching checkpoint into the fit's state; the finished result when the fit had already ended."""
+    if resume is None or not resume.path.exists():
+        return None
+    try:
+        ck = torch.load(resume.path, map_location=dev, weights_only=False)  # our own file, written by _checkpoint
+    except Exception:  # a torn or foreign file: train from the start rather than trust it
+        return None
+    if ck.get("key") != resume.key:
+        return None
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    keeper.load_state_dict(ck["keeper"])
+    if prec.scaler is not None and ck["scaler"]:
+        prec.scaler.load_state_dict(ck["scaler"])
+    torch.set_rng_state(ck["rng"]["torch"].cpu())
+    np.random.set_state(ck["rng"]["numpy"])
+    g.set_state(ck["rng"]["shuffle"].cpu())
+    if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
+    state.epoch, state.step, state.last_finite, state.history = ck["epoch"], ck["step"], ck["last_finite"], ck["history"]
+    return ck["result"]
+
+
+def _fault_after(desc: str, epoch: int) -> None:
+    """Test hook: PIPELINE_TEST_KILL_AFTER='<desc>:<epoch>' SIGKILLs this process once that epoch is saved."""
+    spec = os.environ.get("PIPELINE_TEST_KILL_AFTER")
+    if spec and spec == f"{desc}:{epoch}":
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
 
 
 def _ema(model: nn.Module, decay: float):
