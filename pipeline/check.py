@@ -139,16 +139,18 @@ def _teacher_batch(rec: RecipeBase, data: tuple[np.ndarray, int]) -> tuple[str, 
 
 
 def _device(prof: Profile | None) -> tuple[str, bool]:
-    from pipeline.errors import StageError
-    from pipeline.ship import kit
-    from pipeline.ship import ssh
-    device = os.environ.get("PIPELINE_DEVICE") or (prof.device if prof is not None else None)
+    from pipeline.ship import kit, ssh
+    named = os.environ.get("PIPELINE_DEVICE")
+    device = named or (prof.device if prof is not None else None)
     if not device:
         return "none named: this host's numbers are labelled host (set PIPELINE_DEVICE or the profile's device)", True
     try:
-        remote = kit.resolve(device)
+        remote = kit.resolve(device, prof.device if prof is not None else None)
+    except ValueError as e:
+        raise ConfigError(f"{f'PIPELINE_DEVICE={named!r}' if named else f'{prof.where}: device'}: {e}") from None
+    try:
         ssh.run(remote, ["true"], timeout=SSH_TIMEOUT_S)
-    except (ssh.RemoteError, StageError, ValueError) as e:
+    except ssh.RemoteError as e:
         raise ConfigError(str(e)) from None
     return f"{remote.destination} port {remote.port} answers `ssh ... true`", True
 
