@@ -58,7 +58,8 @@ class Config(TrainConfig):
     dkd_warmup_steps: int = Field(400, ge=0, description="dkd: the KD term ramps linearly from 0 over this many "
                                                          "optimizer steps (mdistiller: over its first 20 epochs; "
                                                          "the loss sees steps, not epochs: 400 is 20 epochs of "
-                                                         "the default digits recipe); 0: no ramp")
+                                                         "the default digits recipe; the count starts with "
+                                                         "the loss, so a resumed fit ramps again); 0: no ramp")
     dist_beta: float = Field(1.0, ge=0, description="dist: weight of the inter-class relation (per sample)")
     dist_gamma: float = Field(1.0, ge=0, description="dist: weight of the intra-class relation (per class, across "
                                                      "the batch; the official code uses T=1: set temperature: 1)")
