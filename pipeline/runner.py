@@ -185,6 +185,11 @@ class Runner:
         rec.update(status="ok", duration_s=round(time.perf_counter() - t0, 2),
                    outputs={k: a.model_dump(mode="json") for k, a in outputs.items()},
                    results=ctx.results.get(name, {}))
+        skipped = ctx._splits.skipped() if ctx._splits is not None else {}
+        if skipped:  # data.skip_bad: the images this stage could not read, counted and named
+            rec["skipped_images"] = {k: {"count": len(v), "files": v[:20]} for k, v in skipped.items()}
+            ctx.log(f"  [yellow]skipped {sum(map(len, skipped.values()))} unreadable image(s)[/] (data.skip_bad; "
+                    f"listed in run.json)")
         self._save()
         shutil.rmtree(ctx.checkpoints(), ignore_errors=True)  # the stage's outputs now stand for them
         with contextlib.suppress(OSError):

@@ -113,3 +113,86 @@ def test_pixels_shifted_in_are_the_fill_value_not_the_normalised_mean():
     values = set(out.unique().tolist())
     assert values <= {5.0, -1.5} and -1.5 in values
     assert ((out == -1.5).flatten(1).sum(1) > 0).float().mean() > 0.5
+
+
+# ---------------------------------------------------------------- streaming, cache, workers, bad input
+def _folder(root, per_class: int = 6, size: int = 12, classes: int = 3):
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            a = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(a).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+def _cfg(root, **kw) -> DataConfig:
+    return DataConfig(kind="imagefolder", root=root, image_size=8, channels=3, val_fraction=0.2,
+                      test_fraction=0.2, **kw)
+
+
+def test_a_split_holds_labels_not_images_and_streams_the_same_batches_with_workers_or_without(tmp_path):
+    root = _folder(tmp_path / "d")
+    inline = load_splits(_cfg(root, workers=0), seed=0)
+    forked = load_splits(_cfg(root, workers=2), seed=0)
+    from pipeline.train.data import FileImages
+    assert isinstance(inline.train.images, FileImages) and not hasattr(inline.train, "x")  # nothing decoded yet
+    order = [torch.tensor([3, 0, 5]), torch.tensor([1, 2])]
+    got = [(x, y, i) for x, y, i in forked.train.batches(order=order)]
+    want = [(x, y, i) for x, y, i in inline.train.batches(order=order)]
+    assert [i.tolist() for *_, i in got] == [[3, 0, 5], [1, 2]]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want))
+    assert got[0][0].dtype == torch.float32 and got[0][0].shape == (3, 3, 8, 8)
+
+
+def test_data_cache_decodes_once_into_a_keyed_uint8_file_and_gives_the_same_images(tmp_path):
+    root = _folder(tmp_path / "d")
+    plain = load_splits(_cfg(root, workers=0), seed=0)
+    cached = load_splits(_cfg(root, workers=0, cache=True, cache_dir=tmp_path / "cache"), seed=0)
+    files = sorted((tmp_path / "cache").glob("*.npy"))
+    assert len(files) == 3 and all(np.load(f, mmap_mode="r").dtype == np.uint8 for f in files)  # one per split
+    assert np.array_equal(plain.test.arrays()[0], cached.test.arrays()[0])
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    load_splits(_cfg(root, workers=0, cache=True, cache_dir=tmp_path / "cache"), seed=0)
+    assert [f.stat().st_mtime_ns for f in sorted((tmp_path / "cache").glob("*.npy"))] == mtimes  # reused
+    load_splits(_cfg(root, workers=0, cache=True, cache_dir=tmp_path / "cache").model_copy(
+        update={"image_size": 6}), seed=0)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 6  # other preprocessing, other key
+
+
+def test_a_corrupt_image_names_the_file_or_is_skipped_and_counted(tmp_path):
+    root = _folder(tmp_path / "d")
+    bad = root / "c1" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated PNG
+    (root / "c2" / "text.png").write_text("not an image")
+    with pytest.raises(ConfigError, match=r"c[12]/(3|text)\.png \(data.root\): cannot read this image .*"
+                                          r"data.skip_bad: true"):
+        s = load_splits(_cfg(root, workers=0), seed=0)  # fitting mean and std reads the training images
+        for split in (s.train, s.val, s.test):
+            list(split.batches())
+    skipping = load_splits(_cfg(root, workers=2, skip_bad=True), seed=0)
+    seen = sum(len(y) for split in (skipping.train, skipping.val, skipping.test) for _, y, _ in split.batches())
+    assert seen == 3 * 6 + 1 - 2
+    assert sorted(sum(skipping.skipped().values(), [])) == ["c1/3.png", "c2/text.png"]
+
+
+def test_fifos_are_never_opened_and_an_empty_class_folder_is_named(tmp_path):
+    import os
+    root = _folder(tmp_path / "d")
+    os.mkfifo(root / "c0" / "pipe.png")  # opening it for reading would block forever
+    s = load_splits(_cfg(root, workers=0), seed=0)
+    assert sum(len(p) for p in (s.train, s.val, s.test)) == 18
+    (root / "c3").mkdir()
+    with pytest.raises(ConfigError, match=r"class folder .*c3 has no images"):
+        load_splits(_cfg(root, workers=0), seed=0)
+
+
+def test_a_decompression_bomb_is_refused_not_decoded(tmp_path, monkeypatch):
+    from pipeline.train import data as data_mod
+    root = _folder(tmp_path / "d", size=12)
+    Image.new("RGB", (200, 200)).save(root / "c0" / "bomb.png")  # 40,000 pixels: a bomb under a 1,000 limit
+    monkeypatch.setattr(data_mod, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ConfigError, match="bomb.png .*DecompressionBomb"):
+        s = load_splits(_cfg(root, workers=0), seed=0)
+        for split in (s.train, s.val, s.test):
+            list(split.batches())
