@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from pydantic import BaseModel, Field, model_validator
+from torch import nn
 
 from pipeline.artifacts import Artifact, Artifacts, files
 from pipeline.context import Context
@@ -155,6 +157,15 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
 def _calibration_images(ctx: Context, n: int, seed: int) -> np.ndarray:
     """A seeded sample of n training images (fewer if the split is smaller), float32 NCHW, preprocessed."""
     return ctx.data().train.sample(n, seed)[0]
+
+
+def _train_batches(ctx: Context, batch: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(x, y) batches of the whole training split in a seeded random order (QAT fine-tuning)."""
+    import torch
+    train = ctx.data().train
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).split(batch)
+    for x, y, _ in train.batches(order=list(order)):
+        yield x.numpy(), y.numpy()
 
 
 def _split_batches(ctx: Context, split: Literal["val", "test"], batch: int) -> Iterator[tuple[np.ndarray,
@@ -394,6 +405,141 @@ def quant_nodes(path: Path) -> dict[str, int]:
             if k in QUANT_OPS or k.startswith("QLinear") or k.endswith("Integer")}
 
 
+# ---------------------------------------------------------------- QAT
+def _qat(inputs: Artifacts, src: str, dst: Path, cfg: Config, s: dict, ctx: Context, reference: _Reference) -> dict:
+    """Fine-tune a fake-quantized copy of the torch student against the teacher, export it, then quantize it the
+    same way as the source (methods, choice and fallback on validation, scored against the FP32 source)."""
+    import onnx
+
+    from pipeline.train import models
+    from stages._common import load_teachers
+    # 1) the torch student behind the FP32 ONNX source, and the teacher
+    pt = inputs[src].meta.get("source")
+    if cfg.mode != "static" or s["format"] != "qdq":
+        raise StageError("quantize.qat: needs mode: static and format: qdq (the QAT model is exported as QDQ).")
+    if not pt or pt not in inputs or inputs[pt].kind != "torch":
+        raise StageError(f"quantize.qat: {src} was not exported from a PyTorch artifact of this run, and QAT "
+                         f"fine-tunes the PyTorch student. Name a source with one, or remove quantize.qat.")
+    teacher = load_teachers(inputs, ctx)[0]
+    # 2) BatchNorm folded into the convs (as the ONNX export does), then Conv/Linear fake-quantized
+    student = models.load(ctx.path(pt), inputs[pt].meta)
+    try:
+        from torch.fx.experimental.optimization import fuse
+        model = fuse(student.eval())
+    except Exception as e:  # torch.fx raises TraceError and others on dynamic control flow
+        raise StageError(f"quantize.qat: {pt} cannot be traced by torch.fx to fold its BatchNorms "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); remove quantize.qat."
+                         ) from e
+    wrapped = _fake_quantize(model, s)
+    # 3) KD fine-tuning, then the float weights (which now sit on the INT8 grid) exported and quantized
+    history = _kd_finetune(model, teacher, ctx, cfg.qat)
+    for parent, name, fq in wrapped:
+        setattr(parent, name, fq.layer)
+    opset = next(o.version for o in onnx.load(str(ctx.path(src)), load_external_data=False).opset_import
+                 if o.domain in ("", "ai.onnx"))
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".qat-") as tmp:
+        fp32 = Path(tmp) / f"{dst.name.removesuffix('.int8.onnx')}.onnx"
+        _torch2onnx(model.eval(), fp32, ctx.data().input_shape, opset)
+        info = _int8(fp32, dst, cfg, s, ctx, reference)
+    info["qat"] = {**cfg.qat.model_dump(), "from": pt, "fake_quantized_layers": len(wrapped), "history": history,
+                   "weights": "per output channel, symmetric, the INT8 grid onnxruntime uses (STE)",
+                   "activations": "per tensor at every Conv/Linear input, EMA min/max ranges (STE)",
+                   "export": "float weights after fine-tuning, then calibrated and quantized like the source"}
+    return info
+
+
+def _fake_quantize(model, s: dict) -> list[tuple[Any, str, Any]]:
+    """Wrap every Conv2d and Linear in place; returns (parent, attribute, wrapper) to unwrap after training."""
+    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, (nn.Conv2d, nn.Linear))]
+    out = []
+    for parent, name, child in found:
+        fq = _FakeQuantLayer(child, s)
+        setattr(parent, name, fq)
+        out.append((parent, name, fq))
+    return out
+
+
+def _kd_finetune(model, teacher, ctx: Context, q: QAT) -> list[dict]:
+    """Hinton KD against the teacher with Adam; returns the mean loss per epoch."""
+    from pipeline.train.kd import hinton
+    torch.manual_seed(ctx.recipe.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=q.lr)
+    history = []
+    for epoch in range(q.epochs):
+        model.train()
+        total, n = 0.0, 0
+        for x, y in _train_batches(ctx, q.batch_size, ctx.recipe.seed + epoch):
+            xb, yb = torch.from_numpy(x), torch.from_numpy(y)
+            with torch.no_grad():
+                t = teacher(xb)
+            loss = hinton(model(xb), t, yb, q.temperature, q.alpha).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, n = total + loss.item() * len(xb), n + len(xb)
+        history.append({"epoch": epoch + 1, "loss": total / max(n, 1)})
+        ctx.log(f"  qat epoch {epoch + 1}/{q.epochs}: KD loss {total / max(n, 1):.4f}")
+    return history
+
+
+class _FakeQuantLayer(nn.Module):
+    """A Conv2d or Linear run on INT8-rounded weights and inputs (torch.fake_quantize_*: straight-through
+    gradients). Weights: per output channel, symmetric, max|w|/qmax, as onnxruntime's QDQ quantizer does; inputs:
+    per tensor, over an EMA of batch min/max (what PyTorch's MovingAverageMinMaxObserver does)."""
+
+    def __init__(self, layer: nn.Module, s: dict, momentum: float = 0.01):
+        super().__init__()
+        self.layer, self.momentum = layer, momentum
+        self.w_qmax = 64 if s["reduce_range"] else 127  # reduce_range: 7-bit weights
+        self.signed, self.symmetric = s["activation_type"] == "s8", s["symmetric_activations"]
+        self.register_buffer("lo", torch.tensor(0.0))
+        self.register_buffer("hi", torch.tensor(0.0))
+        self.seen = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                m = self.momentum if self.seen else 1.0
+                self.lo.mul_(1 - m).add_(m * x.min().clamp(max=0))
+                self.hi.mul_(1 - m).add_(m * x.max().clamp(min=0))
+                self.seen = True
+        w = self.layer.weight
+        scale = (w.detach().abs().flatten(1).amax(1) / self.w_qmax).clamp(min=1e-12)
+        w = torch.fake_quantize_per_channel_affine(w, scale, torch.zeros_like(scale, dtype=torch.int32), 0,
+                                                   -self.w_qmax, self.w_qmax)
+        x = self._fake_quantize_input(x)
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(x, w, self.layer.bias)
+        return nn.functional.linear(x, w, self.layer.bias)
+
+    def _fake_quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.symmetric:  # zero-point 0 (S8) or 128 (U8), the range symmetric around 0
+            qmin, qmax = (-127, 127) if self.signed else (0, 255)
+            scale = (torch.maximum(-self.lo, self.hi) / 127).clamp(min=1e-12)
+            zero = torch.tensor(0 if self.signed else 128, dtype=torch.int32)
+        else:
+            qmin, qmax = (-128, 127) if self.signed else (0, 255)
+            scale = ((self.hi - self.lo) / 255).clamp(min=1e-12)
+            zero = (qmin - torch.round(self.lo / scale)).to(torch.int32)
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero, qmin, qmax)
+
+
+def _torch2onnx(model, path: Path, input_shape: tuple[int, ...], opset: int) -> None:
+    """The QAT student to ONNX with the export stage's conventions: input 'input', output 'logits', dynamic batch."""
+    import warnings
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (torch.randn(2, *input_shape),), str(path), input_names=["input"],
+                              output_names=["logits"], opset_version=opset, dynamic_shapes=({0: batch},),
+                              external_data=False, verbose=False)
+        except Exception as e:
+            raise StageError(f"quantize.qat: torch.onnx.export failed for the fine-tuned student: "
+                             f"{str(e).splitlines()[0]}") from e
+
+
 # ---------------------------------------------------------------- FP16
 def _fp16(src: Path, dst: Path) -> dict:
     """FP16 weights and compute, FP32 inputs and outputs (keep_io_types), so callers feed what they always fed."""
@@ -459,5 +605,3 @@ def evaluate(got: np.ndarray, ref: np.ndarray, y: np.ndarray) -> dict[str, Any]:
             "test_samples": len(y), "accuracy_source": "onnxruntime CPU on the test split"}
 
 
-def _qat(inputs, src, path, cfg, settings, ctx, ref):
-    raise StageError("quantize.qat: not implemented yet: remove quantize.qat from the recipe.")

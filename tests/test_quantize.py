@@ -371,3 +371,63 @@ def test_one_method_or_a_list_not_both():
         quantize.Config(calibrate_methods=["minmax", "minmax"])
     with pytest.raises(ValidationError):
         quantize.Config(calibrate_methods=[])
+
+
+# ---------------------------------------------------------------- QAT
+def test_fake_quantized_layer_rounds_weights_and_passes_gradients():
+    conv = nn.Conv2d(2, 3, 3)
+    s = {"reduce_range": False, "activation_type": "u8", "symmetric_activations": False}
+    fq = quantize._FakeQuantLayer(conv, s).train()
+    x = torch.randn(4, 2, 5, 5)
+    out = fq(x)
+    out.sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0  # straight-through estimator
+    w = conv.weight.detach()
+    scale = w.abs().flatten(1).amax(1) / 127
+    levels = (w / scale.view(-1, 1, 1, 1))
+    # the forward used weights on the INT8 grid: the same conv on rounded weights and inputs gives `out`
+    wq = torch.round(levels) * scale.view(-1, 1, 1, 1)
+    xs = (fq.hi - fq.lo) / 255
+    zp = torch.round(-fq.lo / xs)
+    xq = (torch.clamp(torch.round(x / xs) + zp, 0, 255) - zp) * xs
+    assert torch.allclose(out, F.conv2d(xq, wq, conv.bias), atol=1e-5)
+    assert not torch.allclose(out, conv(x), atol=1e-3)  # and that is not the float conv
+
+
+def test_qat_builds_an_int8_model_from_the_torch_student(source, tmp_path):
+    from stages._common import model_artifact
+    ctx, _ = _elsewhere(source, tmp_path)
+    d = ctx.data()
+    torch.manual_seed(1)
+    teacher = _train(models.build(ModelSpec(arch="cnn", kwargs={"channels": [32, 64]}), *build_info(d)), ctx, 10)
+    torch.manual_seed(0)
+    student = _train(models.build(STUDENT, *build_info(d)), ctx, epochs=10)
+    inputs = {"teacher.pt": model_artifact(ctx, teacher, "teacher.pt", "teacher",
+                                           ModelSpec(arch="cnn", kwargs={"channels": [32, 64]})),
+              "student.pt": model_artifact(ctx, student, "student.pt", "student", STUDENT)}
+    onnx_art = _onnx_artifact(ctx, student, "student.onnx", "student")
+    onnx_art.meta["source"] = "student.pt"
+    inputs["student.onnx"] = onnx_art
+    cfg = quantize.Config(enabled=True, precisions=["int8"], calibrate_methods=["minmax", "percentile"],
+                          qat={"epochs": 2, "lr": 1e-4})
+    out = quantize.run(dict(inputs), cfg, ctx)
+    assert set(out) == {"student.int8.onnx", "student.qat.int8.onnx"}
+    meta = out["student.qat.int8.onnx"].meta
+    assert meta["precision"] == "int8" and meta["role"] == "student-qat-int8" and meta["source_onnx"] == "student.onnx"
+    q = meta["quant"]["qat"]
+    assert q["from"] == "student.pt" and q["fake_quantized_layers"] == 3 and len(q["history"]) == 2
+    assert all(np.isfinite(h["loss"]) for h in q["history"])
+    assert meta["calibrate_method"] in ("minmax", "percentile")
+    # scored against the original FP32 source, on validation for the choice and on test for the report
+    assert meta["source_test_acc"] == out["student.int8.onnx"].meta["source_test_acc"]
+    assert meta["source_test_acc"] - meta["test_acc"] <= ctx.recipe.max_accuracy_drop_per_stage
+    ops = _optimized_ops(ctx.path("student.qat.int8.onnx"), tmp_path)
+    assert ops["QLinearConv"] == 2 and not {"Conv", "FusedConv"} & set(ops), ops
+    assert "student.qat.int8.onnx" in ctx.results["quantize"]["artifacts"]
+
+
+def test_qat_without_a_torch_source_is_refused(source, tmp_path):
+    ctx, inputs = _elsewhere(source, tmp_path)
+    cfg = quantize.Config(enabled=True, precisions=["int8"], qat={"epochs": 1})
+    with pytest.raises(StageError, match=r"quantize.qat: student.onnx was not exported from a PyTorch artifact"):
+        quantize.run(dict(inputs), cfg, ctx)
