@@ -100,7 +100,7 @@ def _data(path: Path, rec: RecipeBase) -> tuple[str, tuple[np.ndarray, int]]:
     if rec.data.kind == "digits":
         from pipeline.train.data import load_splits
         splits = load_splits(rec.data, rec.seed)
-        x, _ = splits.train.arrays(BATCH)
+        x, _ = splits.train.arrays(_batch(rec.data))
         total = sum(len(s) for s in (splits.train, splits.val, splits.test))
         return f"digits: {total:,} images, {classes} classes, a batch of {len(x)} read", (x, classes)
     x, listed = _imagefolder_batch(rec.data)
@@ -155,6 +155,11 @@ def _device(prof: Profile | None) -> tuple[str, bool]:
     return f"{remote.destination} port {remote.port} answers `ssh ... true`", True
 
 
+def _batch(cfg: DataConfig) -> int:
+    """BATCH images, fewer when they are large: at most 16 M floats (64 MB), and at least 2."""
+    return max(2, min(BATCH, 2 ** 24 // (cfg.channels * cfg.image_size ** 2)))
+
+
 # ---------------------------------------------------------------- a few images of an image folder
 def _imagefolder_batch(cfg: DataConfig) -> tuple[np.ndarray, int]:
     """List every class folder (train/, val/, test/ or the root) and decode at most BATCH images, a few per class:
@@ -176,7 +181,8 @@ def _imagefolder_batch(cfg: DataConfig) -> tuple[np.ndarray, int]:
                 raise ConfigError(f"data.root: class folder {part / c} has no images; add images or remove it.")
             listed += len(found)
             per_class.setdefault(c, []).extend(found[:BATCH])
-    sample = [p for i in range(BATCH) for files in per_class.values() if i < len(files) for p in [files[i]]][:BATCH]
+    n = _batch(cfg)
+    sample = [p for i in range(n) for files in per_class.values() if i < len(files) for p in [files[i]]][:n]
     mode = "L" if cfg.channels == 1 else "RGB"
     x = np.empty((len(sample), cfg.channels, cfg.image_size, cfg.image_size), np.float32)
     for i, p in enumerate(sample):

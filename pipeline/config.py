@@ -129,7 +129,8 @@ class Augment(Strict):
 class DataConfig(Strict):
     kind: Literal["digits", "imagefolder"] = "digits"
     root: Path | None = Field(None, description="imagefolder: a folder with train/ and test/, or class folders")
-    image_size: int = Field(8, gt=0, description="square side in pixels after resize")
+    image_size: int = Field(8, gt=0, le=4096, description="square side in pixels after resize (a 4096 x 4096 "
+                                                           "float batch of 16 is already 3 GB)")
     channels: Literal[1, 3] = 1
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="used when the data has no test/ folder")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipeline.config import DEFAULT_RECIPE, RECIPES_DIR, available_profiles, load_profile, load_recipe
+from pipeline.config import (DEFAULT_RECIPE, RECIPES_DIR, available_profiles, load_profile, load_recipe,
+                             parse_recipe)
 from pipeline.errors import ConfigError
 
 
@@ -17,8 +18,10 @@ def test_shipped_profiles_load():
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_load_under_every_profile(recipe):
+    # an imagefolder recipe is a template naming your data and weights: its settings are checked, not its files
+    template = (yaml.safe_load(recipe.read_text()).get("data") or {}).get("kind") == "imagefolder"
     for name in available_profiles():
-        r = load_recipe(recipe, load_profile(name))
+        r = (parse_recipe if template else load_recipe)(recipe, load_profile(name))
         assert r.teacher.epochs >= 0
 
 

@@ -161,3 +161,16 @@ def test_probe_finds_bad_kwargs_and_head_size_without_moving_the_seeded_rng():
         models.probe(ModelSpec(arch="tests.test_models:tiny_net"), 1, 10, 8)
     with pytest.raises(ConfigError, match=r"fails on a batch of shape \(2, 3, 8, 8\)"):
         models.probe(ModelSpec(arch="tests.test_models:tiny_net"), 3, 3, 8)  # a 1-channel first conv
+
+
+def test_probe_of_large_inputs_runs_on_meta_tensors_and_still_checks_the_head(tmp_path):
+    big = models.probe(ModelSpec(arch="resnet18"), 3, 10, models.PROBE_MAX_SIZE * 2)
+    assert next(big.parameters()).is_meta  # no memory taken, no compute done
+    with pytest.raises(ConfigError, match=r"the model gives \(2, 3\) for a batch of 2, and the data needs \(2, 10\)"):
+        models.probe(ModelSpec(arch="tests.test_models:tiny_net"), 1, 10, models.PROBE_MAX_SIZE * 2)
+    state = tiny_net().state_dict()
+    state["4.weight"] = torch.zeros(5, 4)
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(ConfigError, match=r"shape mismatch: 4\.weight: checkpoint \(5, 4\) vs model \(3, 4\)"):
+        models.probe(ModelSpec(arch="tests.test_models:tiny_net", checkpoint=tmp_path / "w.pt"), 1, 3,
+                     models.PROBE_MAX_SIZE * 2)
