@@ -9,11 +9,11 @@ RUN     ?= runs/latest
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: pipeline test test-deps bench gate ship report render clean help
+.PHONY: pipeline test test-deps bench bench-quant bench-data gate ship report render clean help
 
 help:
 	@echo "make pipeline [PROFILE=edge-cpu|server-gpu|jetson] [RECIPE=...] [RESUME=1] [NPROC=2]"
-	@echo "make test | make bench | make gate PROFILE=... | make ship PROFILE=... | make report"
+	@echo "make test | make bench | make bench-data | make bench-quant | make gate PROFILE=... | make ship PROFILE=... | make report"
 
 # Reinstall only when pyproject.toml changes; torch/torchvision are pinned there.
 $(STAMP): pyproject.toml
@@ -45,6 +45,16 @@ test: $(STAMP) test-deps
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py --profile $(PROFILE)
+
+# INT8 variants (minmax, best calibration, + exclusion, QAT) of the digits-64 pruned student vs FP32;
+# BENCH_QUANT_ARGS="--run runs/<id>" reuses a finished run instead of training one
+bench-quant: $(STAMP)
+	$(BIN)/python scripts/bench_quant.py --profile $(PROFILE) $(BENCH_QUANT_ARGS)
+
+# Peak memory of whole runs on 224x224 ImageFolders (BENCH_DATA_ARGS="--sizes 2000,20000"), KD epoch
+# throughput against a plain DataLoader loop, data.cache on 32x32: table + bench-results/bench-data.json
+bench-data: $(STAMP)
+	$(BIN)/python scripts/bench_data.py $(BENCH_DATA_ARGS)
 
 gate: $(STAMP)
 	$(BIN)/pipeline gate $(RUN) --profile $(PROFILE) $(GATE_ARGS)

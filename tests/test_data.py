@@ -196,3 +196,22 @@ def test_a_decompression_bomb_is_refused_not_decoded(tmp_path, monkeypatch):
         s = load_splits(_cfg(root, workers=0), seed=0)
         for split in (s.train, s.val, s.test):
             list(split.batches())
+
+
+def test_pad_and_crop_alone_shifts_by_whole_pixels_exactly_as_the_affine_path_would():
+    """The fast path (slices) and grid_sample agree on integer shifts; shifted-in pixels carry `fill`."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 12, 12)
+    fill = torch.tensor([-1.0, -2.0, -3.0]).view(1, -1, 1, 1)
+    torch.manual_seed(1)
+    fast = augmenter(Augment(random_crop_padding=3), fill=fill.flatten().tolist())(x)
+    torch.manual_seed(1)
+    torch.rand(16), torch.rand(16)  # the angle and scale draws the augmenter makes first
+    pixels = torch.randint(-3, 4, (16, 2))
+    shift = pixels.float() * 2 / 12
+    eye = torch.zeros(16, 2, 3)
+    eye[:, 0, 0], eye[:, 1, 1], eye[:, :, 2] = 1, 1, shift
+    ref = F.grid_sample(x - fill, F.affine_grid(eye, list(x.shape), align_corners=False), align_corners=False) + fill
+    assert torch.allclose(fast, ref, atol=1e-5)
+    assert (pixels != 0).any()

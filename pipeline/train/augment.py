@@ -44,12 +44,19 @@ class BatchAugment(nn.Module):
             lo, hi = c.scale or (1.0, 1.0)
             scale = lo + torch.rand(n) * (hi - lo)
             p = c.random_crop_padding
-            shift = torch.randint(-p, p + 1, (n, 2)).float() * 2 / torch.tensor([w, h])  # pixels -> [-1, 1] units
+            pixels = torch.randint(-p, p + 1, (n, 2))
+            if not (c.rotation_deg or c.scale):  # pad-and-crop alone: integer shifts are slices, not resampling
+                return self._after_affine(_shift(x, pixels, p, fill), n, dev)
+            shift = pixels.float() * 2 / torch.tensor([w, h])  # pixels -> [-1, 1] units
             cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale  # output -> input sampling: inverse map
             theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
             grid = F.affine_grid(theta.to(dev, x.dtype), list(x.shape), align_corners=False)
             # grid_sample pads with zeros: shift by the fill value so that the padding comes out as `fill`
             x = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+        return self._after_affine(x, n, dev)
+
+    def _after_affine(self, x: torch.Tensor, n: int, dev: torch.device) -> torch.Tensor:
+        c = self.cfg
         if c.hflip:
             x = torch.where((torch.rand(n) < c.hflip).to(dev)[:, None, None, None], x.flip(-1), x)
         if c.vflip:
@@ -60,3 +67,14 @@ class BatchAugment(nn.Module):
         if c.gaussian_noise:
             x = x + torch.randn(x.shape).to(dev) * c.gaussian_noise
         return x
+
+
+def _shift(x: torch.Tensor, pixels: torch.Tensor, p: int, fill: torch.Tensor) -> torch.Tensor:
+    """Each sample moved by its (dx, dy) pixels, as RandomCrop(padding=p) does: out[r, c] = in[r + dy, c + dx],
+    `fill` where that falls outside. Region copies: at 224x224 far cheaper than grid_sample's resampling."""
+    h, w = x.shape[-2:]
+    out = fill.expand(x.shape).clone() if fill.numel() > 1 else torch.full_like(x, float(fill))
+    for i, (dx, dy) in enumerate(pixels.tolist()):
+        out[i, :, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] = \
+            x[i, :, max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+    return out

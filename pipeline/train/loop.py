@@ -53,7 +53,8 @@ class TrainConfig(BaseModel, extra="forbid"):
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
         "auto", description="mixed precision on a CUDA GPU: auto = bf16 where supported; fp16 uses a GradScaler; "
                             "always off on the CPU")
-    channels_last: bool | None = Field(None, description="NHWC memory format for convolutions; None = on a GPU only")
+    channels_last: bool | None = Field(None, description="NHWC memory format for convolutions on a CUDA GPU (None: "
+                                                         "on); never on the CPU, where it crashes torch 2.14.1")
 
 
 def seed_everything(seed: int) -> None:
@@ -333,7 +334,9 @@ class Precision:
         self.amp, self.dev = amp, dev
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-        cl = cfg.channels_last if cfg.channels_last is not None else dev.type == "cuda"
+        # GPU only: on the CPU, torch 2.14.1's channels_last convolution backward crashes (a segfault, seen on
+        # this project's 2-core x86 host with a NarrowResNet), so the setting is not honoured there
+        cl = (cfg.channels_last is not False) and dev.type == "cuda"
         self.memory_format = torch.channels_last if cl else torch.preserve_format
 
     def autocast(self):
