@@ -1,7 +1,6 @@
 """The command line: parse, call, print. Logic lives in the modules below."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -220,11 +219,3 @@ def verify(bundle: Annotated[Path, typer.Argument(help="a bundle .tar.gz or its 
     if problems:
         raise typer.Exit(1)
     console.print(f"{bundle}: verified", style="green", highlight=False, markup=False)
-
-
-def entry() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    sys.exit(app())
