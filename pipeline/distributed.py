@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -38,8 +39,14 @@ def run_stage_distributed(run_dir: Path, stage: str, nproc: int, key: str = "", 
     result = result_path(run_dir, stage)
     result.unlink(missing_ok=True)
     env = {**os.environ, "PIPELINE_QUIET": "1" if quiet else "0", "PIPELINE_STAGE_KEY": key}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "pipeline.distributed", str(run_dir), stage]
+    # several machines: PIPELINE_TORCHRUN_ARGS="--nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:29500
+    # --rdzv-id ID" replaces --standalone, and every other node runs the command logged below (README)
+    launch = shlex.split(os.environ.get("PIPELINE_TORCHRUN_ARGS", "--standalone"))
+    worker = ["-m", "pipeline.distributed", str(run_dir), stage]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={nproc}", *worker]
+    if "--standalone" not in launch and not quiet:
+        print(f"  {stage}: on every other node run: PIPELINE_STAGE_KEY={key} torchrun "
+              f"{shlex.join([*launch, f'--nproc-per-node={nproc}', *worker])}", flush=True)
     proc = subprocess.run(cmd, env=env, stderr=subprocess.PIPE, text=True)
     if not result.exists():
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
