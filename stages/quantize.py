@@ -432,7 +432,7 @@ def _qat(inputs: Artifacts, src: str, dst: Path, cfg: Config, s: dict, ctx: Cont
                          ) from e
     wrapped = _fake_quantize(model, s)
     # 3) KD fine-tuning, then the float weights (which now sit on the INT8 grid) exported and quantized
-    history = _kd_finetune(model, teacher, ctx, cfg.qat)
+    history, kept = _kd_finetune(model, teacher, ctx, cfg.qat)
     for parent, name, fq in wrapped:
         setattr(parent, name, fq.layer)
     opset = next(o.version for o in onnx.load(str(ctx.path(src)), load_external_data=False).opset_import
@@ -442,6 +442,7 @@ def _qat(inputs: Artifacts, src: str, dst: Path, cfg: Config, s: dict, ctx: Cont
         _torch2onnx(model.eval(), fp32, ctx.data().input_shape, opset)
         info = _int8(fp32, dst, cfg, s, ctx, reference)
     info["qat"] = {**cfg.qat.model_dump(), "from": pt, "fake_quantized_layers": len(wrapped), "history": history,
+                   "kept_epoch": kept,
                    "weights": "per output channel, symmetric, the INT8 grid onnxruntime uses (STE)",
                    "activations": "per tensor at every Conv/Linear input, EMA min/max ranges (STE)",
                    "export": "float weights after fine-tuning, then calibrated and quantized like the source"}
@@ -460,13 +461,18 @@ def _fake_quantize(model, s: dict) -> list[tuple[Any, str, Any]]:
     return out
 
 
-def _kd_finetune(model, teacher, ctx: Context, q: QAT) -> list[dict]:
-    """Hinton KD against the teacher with Adam; returns the mean loss per epoch."""
+def _kd_finetune(model, teacher, ctx: Context, q: QAT) -> tuple[list[dict], int]:
+    """Hinton KD against the teacher with Adam; the fake-quantized model's validation accuracy is measured before
+    and after every epoch and the best weights are kept (the first of equals: the least fine-tuned), so QAT never
+    ends below where it started on validation. Returns the loss and val accuracy per epoch, and the epoch kept."""
+    import copy
+
     from pipeline.train.kd import hinton
     torch.manual_seed(ctx.recipe.seed)
     opt = torch.optim.Adam(model.parameters(), lr=q.lr)
-    history = []
-    for epoch in range(q.epochs):
+    history = [{"epoch": 0, "val_acc": _val_acc(model, ctx)}]
+    best = (history[0]["val_acc"], 0, copy.deepcopy(model.state_dict()))
+    for epoch in range(1, q.epochs + 1):
         model.train()
         total, n = 0.0, 0
         for x, y in _train_batches(ctx, q.batch_size, ctx.recipe.seed + epoch):
@@ -478,9 +484,23 @@ def _kd_finetune(model, teacher, ctx: Context, q: QAT) -> list[dict]:
             loss.backward()
             opt.step()
             total, n = total + loss.item() * len(xb), n + len(xb)
-        history.append({"epoch": epoch + 1, "loss": total / max(n, 1)})
-        ctx.log(f"  qat epoch {epoch + 1}/{q.epochs}: KD loss {total / max(n, 1):.4f}")
-    return history
+        history.append({"epoch": epoch, "loss": total / max(n, 1), "val_acc": _val_acc(model, ctx)})
+        ctx.log(f"  qat epoch {epoch}/{q.epochs}: KD loss {history[-1]['loss']:.4f}, val acc (fake-quantized) "
+                f"{history[-1]['val_acc']:.4f}")
+        if history[-1]["val_acc"] > best[0]:
+            best = (history[-1]["val_acc"], epoch, copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[2])
+    return history, best[1]
+
+
+@torch.no_grad()
+def _val_acc(model, ctx: Context) -> float:
+    model.eval()
+    hits = n = 0
+    for x, y in _split_batches(ctx, "val", 256):
+        hits += int((model(torch.from_numpy(x)).argmax(1).numpy() == y).sum())
+        n += len(y)
+    return hits / max(n, 1)
 
 
 class _FakeQuantLayer(nn.Module):

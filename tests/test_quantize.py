@@ -415,8 +415,11 @@ def test_qat_builds_an_int8_model_from_the_torch_student(source, tmp_path):
     meta = out["student.qat.int8.onnx"].meta
     assert meta["precision"] == "int8" and meta["role"] == "student-qat-int8" and meta["source_onnx"] == "student.onnx"
     q = meta["quant"]["qat"]
-    assert q["from"] == "student.pt" and q["fake_quantized_layers"] == 3 and len(q["history"]) == 2
-    assert all(np.isfinite(h["loss"]) for h in q["history"])
+    assert q["from"] == "student.pt" and q["fake_quantized_layers"] == 3
+    assert [h["epoch"] for h in q["history"]] == [0, 1, 2] and all(np.isfinite(h["loss"]) for h in q["history"][1:])
+    # the weights kept are the best epoch's on validation (epoch 0: no fine-tuning), the first of equals
+    accs = [h["val_acc"] for h in q["history"]]
+    assert q["kept_epoch"] == accs.index(max(accs))
     assert meta["calibrate_method"] in ("minmax", "percentile")
     # scored against the original FP32 source, on validation for the choice and on test for the report
     assert meta["source_test_acc"] == out["student.int8.onnx"].meta["source_test_acc"]
