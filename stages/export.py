@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from pipeline.artifacts import Artifact, Artifacts
 from pipeline.context import Context
 from pipeline.device.ortbench import CPU, logits, open_session
-from pipeline.errors import StageError
+from pipeline.errors import StageError, first_line
 from pipeline.train import models
 from pipeline.train.loop import predict
 
@@ -68,5 +68,5 @@ def torch2onnx(model: torch.nn.Module, path, input_shape: tuple[int, ...], cfg: 
                               opset_version=cfg.opset, dynamic_shapes=({0: batch},),
                               external_data=cfg.external_data, verbose=False)
         except Exception as e:
-            raise StageError(f"export: torch.onnx.export failed for {path.name}: {str(e).splitlines()[0]}") from e
+            raise StageError(f"export: torch.onnx.export failed for {path.name}: {first_line(e)}") from e
     onnx.checker.check_model(str(path), full_check=True)

@@ -13,7 +13,7 @@ from torch import nn
 
 from pipeline.artifacts import Artifacts
 from pipeline.context import Context
-from pipeline.errors import StageError
+from pipeline.errors import StageError, first_line
 from pipeline.train import kd, models
 from pipeline.train.loop import TrainConfig, accuracy, device_of, fit, seed_everything
 from stages._common import load_teachers, model_artifact, teacher_logits, train_augment
@@ -119,7 +119,7 @@ def prune_model(model: nn.Module, cfg: Config, input_shape: tuple[int, ...]) -> 
                 raise RuntimeError(f"output shape changed from {tuple(shape)}")
     except Exception as e:  # tracing failures come as many exception types
         raise StageError(f"prune: torch-pruning could not trace or prune {type(model).__name__} "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Add the offending "
+                         f"({first_line(e)}). Add the offending "
                          f"module to prune.ignored_layers, or set prune.enabled: false.") from e
     return model
 

@@ -57,7 +57,7 @@ def open_session(path: Path, provider: str, threads: int, precision: str = "fp32
     try:
         sess = ort.InferenceSession(str(path), sess_options=so, providers=chain)
     except Exception as e:  # onnxruntime raises its own Fail/RuntimeException types
-        raise Skip(f"{provider}: onnxruntime could not create a session: {str(e).splitlines()[0]}") from None
+        raise Skip(f"{provider}: onnxruntime could not create a session: {first_line(e)}") from None
     used = sess.get_providers()
     if used[0] != provider:
         raise Skip(f"{provider} requested, onnxruntime fell back to {used[0]}: the provider failed to initialise "
@@ -138,3 +138,10 @@ def logits(sess, x: np.ndarray, batch: int = 256) -> np.ndarray:
     """Outputs of the artifact itself on a preprocessed set, in batches (the batch dim is dynamic)."""
     outs = [sess.run(None, feed(sess, x[i:i + batch]))[0] for i in range(0, len(x), batch)]
     return np.concatenate(outs).astype(np.float32)
+
+
+def first_line(e: BaseException) -> str:
+    """'Type: first non-empty line' (the device side's copy of pipeline.errors.first_line: this folder is
+    copied alone onto devices and imports nothing of ours)."""
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__

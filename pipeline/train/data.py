@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, first_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 CACHE_VERSION = 1       # bump when the decoded bytes for the same files and settings would change
@@ -84,7 +84,7 @@ class FileImages(torch.utils.data.Dataset):
         try:
             return i, decode(self.paths[i], self.size, self.mode), None
         except Exception as e:  # reported by the main process with the file named (a worker cannot raise nicely)
-            return i, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            return i, None, first_line(e)
 
 
 def decode(path: Path, size: int, mode: str) -> torch.Tensor:
