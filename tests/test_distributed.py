@@ -83,3 +83,27 @@ def test_model_artifact_writes_on_rank_0_only(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     model_artifact(ctx, model, "m.pt", "student", None)
     assert (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_stream_an_imagefolder_through_a_torchrun_rendezvous(tmp_path, monkeypatch):
+    """Each rank reads its part of every batch from disk with its own DataLoader workers; the launch goes
+    through PIPELINE_TORCHRUN_ARGS (a c10d rendezvous, as across machines) instead of --standalone."""
+    from pipeline.distributed import result_path, run_stage_distributed
+    from tests.test_data import _digits_pngs
+    _digits_pngs(tmp_path / "images", {"train": 14, "test": 4})
+    data = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    data["data"] = {"kind": "imagefolder", "root": str(tmp_path / "images"), "image_size": 8, "channels": 1,
+                    "workers": 1}
+    data["models"] = {"teacher": {"arch": "mlp", "kwargs": {"hidden": [64]}}, "student": {"arch": "mlp"}}
+    data["teacher"] = {"epochs": 6, "lr": 0.01, "batch_size": 32}
+    recipe, profile = recipe_model().model_validate(data), load_profile("edge-cpu")
+    single = Context(run_dir=tmp_path, recipe=recipe, profile=profile, console=Console(quiet=True))
+    teacher.run({}, recipe.teacher, single)
+    _run_dir(tmp_path / "ddp", recipe, profile, {})
+    monkeypatch.setenv("PIPELINE_TORCHRUN_ARGS", "--nnodes 1 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:0 "
+                                                 "--rdzv-id streamed")
+    outputs, results = run_stage_distributed(tmp_path / "ddp", "teacher", 2, quiet=True)
+    assert set(outputs) == {"teacher.pt"}
+    assert json.loads(result_path(tmp_path / "ddp", "teacher").read_text())["world_size"] == 2
+    assert results["test_acc"] == pytest.approx(single.results["teacher"]["test_acc"], abs=0.1)
