@@ -431,6 +431,12 @@ def _qat(inputs: Artifacts, src: str, dst: Path, cfg: Config, s: dict, ctx: Cont
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); remove quantize.qat."
                          ) from e
     wrapped = _fake_quantize(model, s)
+    # input ranges first, from the calibration images (what MinMax calibration sees): epoch 0 is then the PTQ model
+    model.eval()
+    for _, _, fq in wrapped:
+        fq.train()
+    with torch.no_grad():
+        model(torch.from_numpy(_calibration_images(ctx, cfg.calibration_samples, ctx.recipe.seed)))
     # 3) KD fine-tuning, then the float weights (which now sit on the INT8 grid) exported and quantized
     history, kept = _kd_finetune(model, teacher, ctx, cfg.qat)
     for parent, name, fq in wrapped:

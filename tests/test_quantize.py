@@ -420,6 +420,9 @@ def test_qat_builds_an_int8_model_from_the_torch_student(source, tmp_path):
     # the weights kept are the best epoch's on validation (epoch 0: no fine-tuning), the first of equals
     accs = [h["val_acc"] for h in q["history"]]
     assert q["kept_epoch"] == accs.index(max(accs))
+    # epoch 0 is the fake-quantized model with calibrated input ranges, as good as the PTQ model on validation
+    ptq_val = out["student.int8.onnx"].meta["quant"]["validation"]["chosen_val_acc"]
+    assert abs(accs[0] - ptq_val) <= 0.02, (accs[0], ptq_val)
     assert meta["calibrate_method"] in ("minmax", "percentile")
     # scored against the original FP32 source, on validation for the choice and on test for the report
     assert meta["source_test_acc"] == out["student.int8.onnx"].meta["source_test_acc"]
