@@ -145,7 +145,7 @@ def test_gate_and_report_never_traceback_on_mutated_reports(run_files, data):
 
 # Tracebacks found here in other owners' files, reported to them; each is pinned by a strict xfail below, which
 # fails (XPASS) once the file is fixed: then delete both entries.
-KNOWN = {("html.py", "_environment")}
+KNOWN: set[tuple[str, str]] = set()
 
 
 def _known(res) -> bool:
@@ -156,9 +156,7 @@ def _known(res) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="pipeline/report/html.py _environment joins environment.cpu.flags without "
-                                       "checking its items, and the schema lets them be null: TypeError")
-def test_known_a_null_cpu_flag_in_report_json_is_rendered_or_refused(run_files, tmp_path):
+def test_a_null_cpu_flag_in_report_json_is_rendered_or_refused(run_files, tmp_path):
     report = json.loads(run_files["report.json"])
     report["environment"]["cpu"]["flags"][0] = None
     for name, raw in run_files.items():

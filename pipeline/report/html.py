@@ -34,7 +34,8 @@ def render(report: dict) -> str:
             f"<p class=sub>recipe <b>{esc(report['recipe'].get('name'))}</b> · profile <b>{esc(prof['name'])}</b>"
             f" · target {esc(prof['target'].get('kind'))}: {esc(prof['target'].get('name'))}"
             f" · created {esc(report.get('created'))}</p>",
-            _recommended(report), _budgets(report), _table(report), _plots(report), _distill(report),
+            _recommended(report), _search(report) if report.get("search") else "", _budgets(report), _table(report),
+            "" if report.get("search") else _plots(report), _distill(report),
             _flags_notes(report), _stages(report), _environment(report)]
     return (f"<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
             f"<meta name=viewport content='width=device-width, initial-scale=1'>"
@@ -181,6 +182,84 @@ def _plots(report: dict) -> str:
     return "\n".join(out)
 
 
+def _search(report: dict) -> str:
+    """A search report: what it cost, every candidate on one plot and in one table, the front marked."""
+    from pipeline.report.build import SEARCH_HEADER, search_cells, search_md
+    s = report["search"]
+    summary = search_md(s)[2]  # the one-line summary of report.md
+    try:
+        plot = search_svg(report)
+    except Exception as e:  # a broken plot must not cost the table
+        plot = f"<p class=bad>plot failed: {esc(first_line(e))}</p>"
+    rec = (report.get("recommended") or {}).get("artifact")
+    trs = []
+    for c in s["candidates"]:
+        cells = search_cells(c)
+        cls = "rec" if c["artifact"] == rec else ("estimate" if c["provenance"] == "estimated" else "")
+        trs.append(f"<tr class='{cls}'>" + "".join(f"<td>{esc(cells[h])}</td>" for h in SEARCH_HEADER) + "</tr>")
+    return (f"<h2>Search <code>{esc(s['id'])}</code></h2><p>{esc(summary)}</p>"
+            + (f"<figure>{plot}<figcaption>Every candidate: p95 latency at batch 1 measured on the target (hollow "
+               "diamonds: estimated lower bounds, which never meet a budget and are never on the front) against "
+               "test accuracy; colour = the candidate's cost in minutes (its trial's runs); dashed lines are the "
+               "budgets; the step line is the Pareto front.</figcaption></figure>" if plot else
+               "<p>No candidate has both a latency and an accuracy to plot.</p>")
+            + "<div class=scroll><table class=results><thead><tr>"
+            + "".join(f"<th>{esc(h)}</th>" for h in SEARCH_HEADER) + f"</tr></thead><tbody>{''.join(trs)}</tbody>"
+            "</table></div>")
+
+
+def search_svg(report: dict) -> str | None:
+    """Every search candidate: latency (x) against accuracy (y), provenance by marker, cost by colour."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    cands = report["search"]["candidates"]
+    pts = [{"x": c["p95_ms"] if c["provenance"] == "measured" else c.get("lower_bound_ms"), "y": c["accuracy"],
+            "kind": "target" if c["provenance"] == "measured" else "estimate", "cost": c["cost_min"],
+            "front": c["on_front"], "area": 70, "label": f"{c['trial']} {c['precision']}"} for c in cands]
+    pts = [p for p in pts if p["x"] is not None and p["y"] is not None]
+    if not pts:
+        return None
+    fig = Figure(figsize=(10, 5.2))
+    ax = fig.add_subplot()
+    costs = [p["cost"] for p in pts]
+    norm, cmap = Normalize(min(costs), max(costs) if max(costs) > min(costs) else min(costs) + 1), colormaps["viridis"]
+    for kind, marker in (("target", "o"), ("estimate", "D")):
+        sel = [p for p in pts if p["kind"] == kind]
+        if sel:
+            colors = [cmap(norm(p["cost"])) for p in sel]
+            ax.scatter([p["x"] for p in sel], [p["y"] for p in sel], marker=marker, s=70, zorder=3, linewidths=1.5,
+                       facecolors=colors if kind == "target" else "none", edgecolors=colors)
+    front = sorted((p for p in pts if p["front"]), key=lambda p: p["x"])
+    if len(front) > 1:
+        ax.step([p["x"] for p in front], [p["y"] for p in front], where="post", color="#2ca02c", lw=1, zorder=2)
+    b = report["profile"].get("budgets") or {}
+    teacher = next((r.get("accuracy") for r in report["rows"] if r.get("role") == "teacher"
+                    and r.get("accuracy") is not None and r.get("on_target")), None)
+    lines = [("v", b.get("p95_latency_ms"), "#d62728", f"p95 budget {b.get('p95_latency_ms')} ms"),
+             ("h", b.get("min_accuracy"), "#9467bd", f"min accuracy {b.get('min_accuracy')}")]
+    if b.get("max_accuracy_drop") is not None and teacher is not None:
+        lines.append(("h", teacher - b["max_accuracy_drop"], "#8c564b",
+                      f"teacher − max drop {b['max_accuracy_drop']} = {teacher - b['max_accuracy_drop']:.4f}"))
+    handles = [Line2D([], [], ls="", marker="o", color="#444", label="measured on target"),
+               Line2D([], [], ls="", marker="D", color="#444", markerfacecolor="none",
+                      label="estimated lower bound")]
+    for axis, v, color, text in lines:
+        if v is not None:
+            (ax.axvline if axis == "v" else ax.axhline)(v, color=color, ls="--", lw=1.2)
+            handles.append(Line2D([], [], color=color, ls="--", label=text))
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="cost, minutes", pad=0.01)
+    ax.legend(handles=handles, fontsize=8, loc="lower right", framealpha=0.9)
+    ax.set_xlabel("p95 latency at batch 1, ms")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.15, y=0.1)
+    _label(fig, ax, pts)
+    return _svg(fig, "search")
+
+
 def _distill(report: dict) -> str:
     d = report.get("distill") or {}
     out = []
@@ -228,7 +307,7 @@ def _environment(report: dict) -> str:
     cpu = env.get("cpu") or {}
     pairs = [("host", env.get("hostname")), ("kind", env.get("kind")), ("board", env.get("board")),
              ("CPU", f"{cpu.get('model', '')} ({cpu.get('arch', '')}, {cpu.get('cores', '?')} cores; "
-                     f"{', '.join(cpu.get('flags') or [])})" if cpu else None),
+                     f"{', '.join(str(f) for f in cpu.get('flags') or [] if f)})" if cpu else None),
              ("OS", env.get("os")), ("onnxruntime providers", ", ".join(env.get("ort_providers") or [])),
              ("energy meter", report.get("meter") or "none")]
     pairs += [(k, v) for k, v in (env.get("versions") or {}).items()]
