@@ -1,6 +1,7 @@
 """Helpers shared by the training stages: model artifacts, the run's augmentation. Not a stage (leading underscore)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 from pipeline.artifacts import Artifact, Artifacts
 from pipeline.config import ModelSpec
 from pipeline.context import Context
-from pipeline.errors import StageError
+from pipeline.errors import StageError, first_line
 from pipeline.train import models
 from pipeline.train.augment import augmenter
 from pipeline.train.data import Split, Splits
@@ -88,3 +89,23 @@ def teacher_logits(teacher, split: Split, batch: int = 512) -> torch.Tensor | No
         if len(out) == 1 and out[0].shape[1] * len(split) * 4 > LOGITS_CACHE_BYTES:
             return None
     return torch.cat(out)
+
+
+def torch2onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...], opset: int, *,
+               external_data: bool = False, what: str = "export") -> None:
+    """PyTorch to ONNX with one convention for every artifact: input 'input', output 'logits', a dynamic batch
+    (torch.export's dynamo exporter), then onnx.checker. `what` names the setting in the error."""
+    import warnings
+
+    import onnx
+    model = model.eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (torch.randn(2, *input_shape),), str(path), input_names=["input"],
+                              output_names=["logits"], opset_version=opset, dynamic_shapes=({0: batch},),
+                              external_data=external_data, verbose=False)
+        except Exception as e:
+            raise StageError(f"{what}: torch.onnx.export failed for {Path(path).name}: {first_line(e)}") from e
+    onnx.checker.check_model(str(path), full_check=True)

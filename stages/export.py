@@ -1,18 +1,16 @@
 """export: every PyTorch artifact to ONNX (dynamo exporter, pinned opset, dynamic batch), checked for parity."""
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
-import torch
 from pydantic import BaseModel, Field
 
 from pipeline.artifacts import Artifact, Artifacts
 from pipeline.context import Context
 from pipeline.device.ortbench import CPU, logits, open_session
-from pipeline.errors import StageError, first_line
+from pipeline.errors import StageError
 from pipeline.train import models
 from pipeline.train.loop import predict
+from stages._common import torch2onnx
 
 
 class Config(BaseModel, extra="forbid"):
@@ -35,7 +33,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
         model = models.load(ctx.path(name), art.meta)
         onnx_name = name.removesuffix(".pt") + ".onnx"
         path = ctx.path(onnx_name)
-        torch2onnx(model, path, data.input_shape, cfg)
+        torch2onnx(model, path, data.input_shape, cfg.opset, external_data=cfg.external_data)
         expected = predict(model, x)
         got = logits(open_session(path, CPU, threads=0), x)
         diff = np.abs(got - expected)
@@ -56,17 +54,3 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     return out
 
 
-def torch2onnx(model: torch.nn.Module, path, input_shape: tuple[int, ...], cfg: Config) -> None:
-    import onnx
-    model = model.eval()
-    example = (torch.randn(2, *input_shape),)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(model, example, str(path), input_names=["input"], output_names=["logits"],
-                              opset_version=cfg.opset, dynamic_shapes=({0: batch},),
-                              external_data=cfg.external_data, verbose=False)
-        except Exception as e:
-            raise StageError(f"export: torch.onnx.export failed for {path.name}: {first_line(e)}") from e
-    onnx.checker.check_model(str(path), full_check=True)

@@ -412,7 +412,7 @@ def _qat(inputs: Artifacts, src: str, dst: Path, cfg: Config, s: dict, ctx: Cont
     import onnx
 
     from pipeline.train import models
-    from stages._common import load_teachers
+    from stages._common import load_teachers, torch2onnx
     # 1) the torch student behind the FP32 ONNX source, and the teacher
     pt = inputs[src].meta.get("source")
     if cfg.mode != "static" or s["format"] != "qdq":
@@ -445,7 +445,7 @@ def _qat(inputs: Artifacts, src: str, dst: Path, cfg: Config, s: dict, ctx: Cont
                  if o.domain in ("", "ai.onnx"))
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".qat-") as tmp:
         fp32 = Path(tmp) / f"{dst.name.removesuffix('.int8.onnx')}.onnx"
-        _torch2onnx(model.eval(), fp32, ctx.data().input_shape, opset)
+        torch2onnx(model.eval(), fp32, ctx.data().input_shape, opset, what="quantize.qat")
         info = _int8(fp32, dst, cfg, s, ctx, reference)
     info["qat"] = {**cfg.qat.model_dump(), "from": pt, "fake_quantized_layers": len(wrapped), "history": history,
                    "kept_epoch": kept,
@@ -549,21 +549,6 @@ class _FakeQuantLayer(nn.Module):
             scale = ((self.hi - self.lo) / 255).clamp(min=1e-12)
             zero = (qmin - torch.round(self.lo / scale)).to(torch.int32)
         return torch.fake_quantize_per_tensor_affine(x, scale, zero, qmin, qmax)
-
-
-def _torch2onnx(model, path: Path, input_shape: tuple[int, ...], opset: int) -> None:
-    """The QAT student to ONNX with the export stage's conventions: input 'input', output 'logits', dynamic batch."""
-    import warnings
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(model, (torch.randn(2, *input_shape),), str(path), input_names=["input"],
-                              output_names=["logits"], opset_version=opset, dynamic_shapes=({0: batch},),
-                              external_data=False, verbose=False)
-        except Exception as e:
-            raise StageError(f"quantize.qat: torch.onnx.export failed for the fine-tuned student: "
-                             f"{str(e).splitlines()[0]}") from e
 
 
 # ---------------------------------------------------------------- FP16

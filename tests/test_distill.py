@@ -18,7 +18,7 @@ from pipeline.context import Context
 from pipeline.errors import StageError
 from pipeline.train import kd, models
 from pipeline.train.data import load_splits
-from pipeline.train.loop import TrainConfig, lr_factor, accuracy, fit, pick_threads, seed_everything
+from pipeline.train.loop import TrainConfig, accuracy, fit, lr_factor, pick_threads, seed_everything
 from stages import distill, export, teacher
 from tests.conftest import FAST
 
@@ -181,12 +181,11 @@ def test_extra_teachers_are_kd_inputs_only_not_exported(taught, tmp_path):
 
 
 def test_a_student_distilled_from_an_onnx_teacher(taught, tmp_path):
-    from stages.export import Config as ExportConfig
-    from stages.export import torch2onnx
+    from stages._common import torch2onnx
     run_dir, inputs, data = taught
     torch_teacher = models.load(run_dir / "teacher.pt", inputs["teacher.pt"].meta)
     onnx_path = tmp_path / "given.onnx"
-    torch2onnx(torch_teacher, onnx_path, data.input_shape, ExportConfig())
+    torch2onnx(torch_teacher, onnx_path, data.input_shape, 18)
     recipe = _recipe()
     recipe.models.teacher = ModelSpec(arch="cnn", onnx=onnx_path)
     recipe.models.extra_teachers = []

@@ -10,7 +10,8 @@ import torch
 from pipeline.artifacts import files, fingerprint
 from pipeline.device.ortbench import CPU, logits, open_session
 from pipeline.train.models import SmallCNN
-from stages.export import Config, torch2onnx
+from stages._common import torch2onnx
+from stages.export import Config
 
 
 def _model() -> torch.nn.Module:
@@ -20,7 +21,7 @@ def _model() -> torch.nn.Module:
 
 def test_export_matches_pytorch_with_a_dynamic_batch(tmp_path):
     model, path = _model(), tmp_path / "m.onnx"
-    torch2onnx(model, path, (1, 8, 8), Config())
+    torch2onnx(model, path, (1, 8, 8), 18)
     graph = onnx.load(str(path))
     assert graph.opset_import[0].version == Config().opset
     dim0 = graph.graph.input[0].type.tensor_type.shape.dim[0]
@@ -37,8 +38,8 @@ def test_external_data_is_counted_in_size_and_hash(tmp_path):
     model = _model()
     inline, external = tmp_path / "inline.onnx", tmp_path / "ext" / "m.onnx"
     external.parent.mkdir()
-    torch2onnx(model, inline, (1, 8, 8), Config())
-    torch2onnx(model, external, (1, 8, 8), Config(external_data=True))
+    torch2onnx(model, inline, (1, 8, 8), 18)
+    torch2onnx(model, external, (1, 8, 8), 18, external_data=True)
     sidecars = files(external)[1:]
     assert sidecars and all(p.exists() for p in sidecars), "expected weights in a .data file"
     h1, size = fingerprint(external)

@@ -16,9 +16,7 @@ from pipeline.errors import StageError
 from pipeline.train import models
 from pipeline.train.loop import TrainConfig, accuracy, fit, predict
 from stages import prune
-from stages._common import build_info, model_artifact
-from stages.export import Config as ExportConfig
-from stages.export import torch2onnx
+from stages._common import build_info, model_artifact, torch2onnx
 from tests.conftest import fast_recipe
 
 STUDENT = ModelSpec(arch="resnet", kwargs={"widths": [16, 32], "blocks": [1, 1]})
@@ -94,7 +92,7 @@ def test_pruned_model_exports_and_matches_pytorch(ctx, pruned, tmp_path):
     _, out = pruned
     model = models.load(ctx.path("student-pruned.pt"), out["student-pruned.pt"].meta)
     path = tmp_path / "student-pruned.onnx"
-    torch2onnx(model, path, ctx.data().input_shape, ExportConfig())
+    torch2onnx(model, path, ctx.data().input_shape, 18)
     x, _ = ctx.data().test.arrays(limit=64)
     got, want = logits(open_session(path, CPU, threads=1), x), predict(model, x)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)

@@ -22,9 +22,7 @@ from pipeline.errors import StageError
 from pipeline.train import models
 from pipeline.train.data import MemoryImages
 from stages import quantize
-from stages._common import build_info
-from stages.export import Config as ExportConfig
-from stages.export import torch2onnx
+from stages._common import build_info, torch2onnx
 from tests.conftest import fast_recipe
 
 STUDENT = ModelSpec(arch="cnn", kwargs={"channels": [16, 32]})
@@ -53,7 +51,7 @@ def _ctx(run_dir, **quantize_over) -> Context:
 
 
 def _onnx_artifact(ctx: Context, model: nn.Module, name: str, role: str) -> Artifact:
-    torch2onnx(model, ctx.path(name), ctx.data().input_shape, ExportConfig())
+    torch2onnx(model, ctx.path(name), ctx.data().input_shape, 18)
     params, macs = models.count(model, ctx.data().input_shape)
     return Artifact(name=name, kind="onnx", stage="export",
                     meta={"role": role, "precision": "fp32", "params": params, "macs": macs})
