@@ -6,6 +6,7 @@ references, and every size, hash and bundle goes through it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -119,10 +120,22 @@ def fingerprint(path: Path) -> tuple[str, int]:
     return h.hexdigest(), sum(p.stat().st_size for p in parts)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_target(path: Path):
+    """A temporary name beside `path` to write to; renamed onto `path` when the block ends, removed when it
+    raises (a full disk, a kill between the two leaves the old file whole and no half-written one)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_target(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

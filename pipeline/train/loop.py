@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
+from pipeline.artifacts import atomic_target
 from pipeline.errors import StageError
 from pipeline.train.data import Split
 
@@ -372,9 +373,8 @@ def _checkpoint(resume: Resume | None, rank: int, model, opt, keeper: Keeper, pr
                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                "result": result}
     resume.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = resume.path.with_name(f".{resume.path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, resume.path)
+    with atomic_target(resume.path) as tmp:
+        torch.save(payload, tmp)
 
 
 def _restore(resume: Resume | None, model, opt, keeper: Keeper, prec: Precision, g, state: _TrainState, dev

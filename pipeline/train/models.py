@@ -1,6 +1,7 @@
 """Models a recipe can name, checkpoint loading, saving artifacts, and counting params and MACs.
 
-`arch` is one of: `cnn` (a small conv net for small images), `resnet` (a narrow ResNet-style net),
+`arch` is one of: `cnn` (a small conv net for small images), `mlp` (fully connected: the default student),
+`resnet` (a narrow ResNet-style net),
 a torchvision architecture by name (`resnet18`, `mobilenet_v3_small`, ...), or `pkg.module:factory`.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.artifacts import atomic_target
 from pipeline.config import ModelSpec
 from pipeline.errors import ConfigError, first_line
 
@@ -292,12 +294,8 @@ def _pickled_global(path: Path, max_ops: int = 1_000_000) -> str | None:
 def save(model: nn.Module, path: Path, spec: dict[str, Any] | None, whole: bool = False) -> None:
     """Save a state_dict with the spec that rebuilds it, or the whole module when pruning changed its shape."""
     model = model.module if hasattr(model, "module") else model
-    tmp = path.with_suffix(".tmp")
-    if whole:
-        torch.save(model, tmp)
-    else:
-        torch.save({"spec": spec, "state_dict": model.state_dict()}, tmp)
-    tmp.replace(path)
+    with atomic_target(path) as tmp:
+        torch.save(model if whole else {"spec": spec, "state_dict": model.state_dict()}, tmp)
 
 
 def load(path: Path, meta: dict[str, Any]) -> nn.Module:
