@@ -81,7 +81,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     teacher_fn = base_fn = ensemble_fn(teachers, cfg.temperature)
     for gen in range(1, (cfg.generations if cfg.method == "self" else 1) + 1):
         if gen > 1:
-            teacher_fn, student = _frozen(student), _fresh(spec, data, seed + gen)
+            teacher_fn, student = frozen_teacher(student), _fresh(spec, data, seed + gen)
         # without augmentation the teacher's outputs on the training split never change: compute them once
         cache = None if aug is not None or cfg.mixup or cfg.method == "feature" else teacher_logits(teacher_fn,
                                                                                                     data.train)
@@ -278,7 +278,7 @@ def _acc_fn(teacher_fn: TeacherFn, split: Split, batch: int = 512) -> float:
     return correct / max(len(split), 1)
 
 
-def _frozen(student: nn.Module) -> TeacherFn:
+def frozen_teacher(student: nn.Module) -> TeacherFn:
     """A trained generation as the next one's teacher (self-distillation)."""
     teacher = freeze(copy.deepcopy(student)).to(train_device())
     return torch.no_grad()(lambda x: teacher(x))

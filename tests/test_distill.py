@@ -100,7 +100,7 @@ def test_adversarial_with_eps_zero_equals_hinton_and_with_eps_it_differs(batch):
 
 def test_self_distillation_from_an_identical_copy_leaves_only_cross_entropy(batch):
     x, y, student, _ = batch
-    _, loss = distill.make_loss(_cfg(method="self"), student, distill._frozen(student))
+    _, loss = distill.make_loss(_cfg(method="self"), student, distill.frozen_teacher(student))
     ce = F.cross_entropy(student(x), y)
     assert loss(student, x, y, None).item() == pytest.approx((1 - ALPHA) * ce.item(), rel=1e-5)
 

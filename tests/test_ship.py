@@ -21,7 +21,7 @@ from pipeline.config import load_profile
 from pipeline.device import manifest as mf
 from pipeline.errors import ConfigError
 from pipeline.ship import bundle as ship_mod
-from pipeline.ship.bundle import _shipped, parse_to, ship, verify
+from pipeline.ship.bundle import shipped_names, parse_to, ship, verify
 from tests.test_gate import LOOSE, profile_file, rerun
 
 cli = CliRunner()
@@ -123,7 +123,7 @@ def test_engines_built_as_the_device_readme_says_leave_the_bundle_verified(shipp
     folder = _unpack(shippable[2], tmp_path)
     manifest = json.loads((folder / "manifest.json").read_text())
     jetson = load_profile("jetson")
-    readme = ship_mod._readme(folder.name, json.loads((shippable[0] / "report.json").read_text()), jetson,
+    readme = ship_mod.device_readme(folder.name, json.loads((shippable[0] / "report.json").read_text()), jetson,
                               manifest["models"], json.loads((shippable[0] / "splits.json").read_text()))
     engines = re.findall(r"--saveEngine=(\S+)", readme)
     assert engines and "trtexec --onnx=" in readme
@@ -138,7 +138,7 @@ def test_the_device_readme_builds_engines_with_the_flags_of_each_tensorrt(shippa
     m = {"name": "s.onnx", "file": "models/s.onnx", "precision": "fp32", "opset": 18,
          "inputs": [{"name": "input", "dtype": "float32", "shape": ["n", 1, 8, 8]}]}
     models = [m, {**m, "name": "s.fp16.onnx", "precision": "fp16"}, {**m, "name": "s.int8.onnx", "precision": "int8"}]
-    readme = ship_mod._readme("b", report, load_profile("jetson"), models, splits)
+    readme = ship_mod.device_readme("b", report, load_profile("jetson"), models, splits)
     head, _, trt11 = readme.partition("TensorRT 11 and later")
 
     def lines(text: str) -> list[list[str]]:
@@ -146,7 +146,7 @@ def test_the_device_readme_builds_engines_with_the_flags_of_each_tensorrt(shippa
     assert [ln[3:-1] for ln in lines(head)] == [[], ["--fp16"], ["--int8", "--fp16"]]  # 8.x to 10.x
     assert [ln[3:-1] for ln in lines(trt11.partition("## 3.")[0])] == [[], [], []]  # 11 removed both flags
     assert all(ln[-1] == "--shapes=input:1x1x8x8" for ln in lines(readme))
-    fp32_only = ship_mod._readme("b", report, load_profile("jetson"), [m], splits)
+    fp32_only = ship_mod.device_readme("b", report, load_profile("jetson"), [m], splits)
     assert "TensorRT 11" not in fp32_only and len(lines(fp32_only)) == 1  # one form serves every version
 
 
@@ -189,13 +189,13 @@ def test_an_interrupted_ship_leaves_no_partial_bundle(shippable, tmp_path, monke
 def test_tensorrt_targets_ship_the_fp16_and_int8_variants(tmp_path):
     for n in ("student-pruned.onnx", "student-pruned.fp16.onnx", "student-pruned.int8.onnx", "student.int8.onnx"):
         (tmp_path / n).write_bytes(b"onnx")
-    assert _shipped(tmp_path, "student-pruned.onnx", tensorrt=False) == ["student-pruned.onnx"]
-    assert _shipped(tmp_path, "student-pruned.onnx", tensorrt=True) == [
+    assert shipped_names(tmp_path, "student-pruned.onnx", tensorrt=False) == ["student-pruned.onnx"]
+    assert shipped_names(tmp_path, "student-pruned.onnx", tensorrt=True) == [
         "student-pruned.onnx", "student-pruned.fp16.onnx", "student-pruned.int8.onnx"]
-    assert _shipped(tmp_path, "student-pruned.int8.onnx", tensorrt=True) == [
+    assert shipped_names(tmp_path, "student-pruned.int8.onnx", tensorrt=True) == [
         "student-pruned.int8.onnx", "student-pruned.fp16.onnx"]
     with pytest.raises(ConfigError, match="missing"):
-        _shipped(tmp_path, "gone.onnx", tensorrt=False)
+        shipped_names(tmp_path, "gone.onnx", tensorrt=False)
 
 
 def test_a_run_without_a_recommendation_is_not_shipped(shippable, tmp_path):

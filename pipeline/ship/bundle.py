@@ -63,7 +63,7 @@ def ship(run_dir: Path, profile: Profile | str, out_dir: Path, to: str | None = 
                           f"'{prof.name}'); nothing to ship. See report.md and `pipeline gate {run_dir}`.")
     if verdict.code:
         log(f"warning: gate {verdict.verdict} (exit {verdict.code}); the manifest records which budgets were met")
-    names = _shipped(run_dir, report["recommended"]["artifact"], prof.target.tensorrt)
+    names = shipped_names(run_dir, report["recommended"]["artifact"], prof.target.tensorrt)
     name = re.sub(r"[^A-Za-z0-9._-]", "_", f"bundle-{report['recipe']['name']}-{report['run_id']}")  # a file name
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,7 @@ def verify(bundle: Path, warnings: list[str] | None = None) -> list[str]:
 
 
 # ---------------------------------------------------------------- what goes in
-def _shipped(run_dir: Path, artifact: str, tensorrt: bool) -> list[str]:
+def shipped_names(run_dir: Path, artifact: str, tensorrt: bool) -> list[str]:
     """The recommended artifact, then (TensorRT targets) <stem>.fp16.onnx / <stem>.int8.onnx when the run has them."""
     if not (run_dir / artifact).is_file():
         raise ConfigError(f"{run_dir / artifact}: the recommended artifact is missing from the run directory; "
@@ -120,7 +120,7 @@ def _stage(stage: Path, run_dir: Path, report: dict, prof: Profile, verdict, nam
     splits = json.loads((run_dir / "splits.json").read_text())
     _test_batch(stage / "data" / "test_batch.npz", run_dir, recipe, splits, names[0])
     models = [_model_info(run_dir, n, report) for n in names]
-    (stage / "README-device.md").write_text(_readme(stage.name, report, prof, models, splits))
+    (stage / "README-device.md").write_text(device_readme(stage.name, report, prof, models, splits))
     manifest = _manifest(stage, run_dir, report, prof, verdict, splits, models)
     (stage / mf.MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
 
@@ -203,7 +203,7 @@ def _manifest(stage: Path, run_dir: Path, report: dict, prof: Profile, verdict, 
     }
 
 
-def _readme(name: str, report: dict, prof: Profile, models: list[dict], splits: dict) -> str:
+def device_readme(name: str, report: dict, prof: Profile, models: list[dict], splits: dict) -> str:
     m, pre = models[0], splits.get("preprocessing", {})
     inp = m["inputs"][0]
     shape = "x".join(str(d if isinstance(d, int) and d > 0 else 1) for d in inp["shape"])
