@@ -9,10 +9,11 @@ RUN     ?= runs/latest
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: pipeline test test-deps bench bench-quant bench-data gate ship report render clean help
+.PHONY: pipeline search test test-deps bench bench-quant bench-data gate ship report render clean help
 
 help:
 	@echo "make pipeline [PROFILE=edge-cpu|server-gpu|jetson] [RECIPE=...] [RESUME=1] [NPROC=2]"
+	@echo "make search [PROFILE=...] [RECIPE=recipes/digits-64.yaml] [P95=ms] [MAX_DROP=0.01] [RESUME=1]"
 	@echo "make test | make bench | make bench-data | make bench-quant | make gate PROFILE=... | make ship PROFILE=... | make report"
 
 # Reinstall only when pyproject.toml changes; torch/torchvision are pinned there.
@@ -25,6 +26,17 @@ $(STAMP): pyproject.toml
 pipeline: $(STAMP)
 	$(BIN)/pipeline check --profile $(PROFILE) --recipe $(RECIPE)
 	$(BIN)/pipeline run --profile $(PROFILE) --recipe $(RECIPE) --nproc $(NPROC) $(if $(filter 1,$(RESUME)),--resume,)
+
+# The most accurate model meeting every budget among the recipe's `search:` space (README: Search). RECIPE defaults
+# to digits-64 here; P95 and MAX_DROP replace the profile's p95_latency_ms and max_accuracy_drop (empty: the
+# profile's); RESUME=1 continues runs/search-latest with the budgets it started with.
+SEARCH_RECIPE := $(if $(filter command line environment,$(origin RECIPE)),$(RECIPE),recipes/digits-64.yaml)
+P95      ?= 0.3
+MAX_DROP ?= 0.01
+search: $(STAMP)
+	$(BIN)/pipeline check --profile $(PROFILE) --recipe $(SEARCH_RECIPE)
+	$(BIN)/pipeline search --profile $(PROFILE) --recipe $(SEARCH_RECIPE) $(if $(filter 1,$(RESUME)),--resume,\
+	  $(if $(P95),--p95 $(P95)) $(if $(MAX_DROP),--max-drop $(MAX_DROP)))
 
 # System tools the tests use for real: an OpenSSH server (shipping, device runner) and Chromium (report render).
 test-deps:

@@ -58,6 +58,64 @@ def run(profile: Annotated[str, typer.Option(help="a name from profiles/ or a YA
     _print_report(run_dir)
 
 
+@app.command()
+def search(profile: Annotated[str, typer.Option(help="a name from profiles/ or a YAML path")] = "edge-cpu",
+           recipe: Annotated[Path, typer.Option(help="what to compress; its `search:` is the space")] = DEFAULT_RECIPE,
+           runs_dir: Annotated[Path, typer.Option(help="where runs/search-<id>/ goes")] = Path("runs"),
+           resume: Annotated[bool, typer.Option(help="continue runs/search-latest with its stored recipe, profile "
+                                                     "and budgets; finished runs are kept")] = False,
+           p95: Annotated[Optional[float], typer.Option(help="p95_latency_ms budget in ms, instead of the "
+                                                            "profile's")] = None,
+           max_drop: Annotated[Optional[float], typer.Option(help="max_accuracy_drop budget vs the teacher "
+                                                                 "(0.01 = 1 point), instead of the profile's")] = None,
+           ) -> None:
+    """Search the recipe's space for the most accurate model meeting every budget: runs/search-<id>/report.md."""
+    import time
+
+    from pipeline.search import run_search, with_budgets
+    t0 = time.monotonic()
+    try:
+        if resume and (p95 is not None or max_drop is not None):
+            raise ConfigError("--p95 and --max-drop cannot change a search being resumed: it keeps the budgets it "
+                              "started with. Drop them, or start a new search.")
+        prof = with_budgets(load_profile(profile), p95_latency_ms=p95, max_accuracy_drop=max_drop)
+        rec = load_recipe(recipe, prof)
+        search_dir = run_search(rec, prof, recipe_path=recipe, runs_dir=runs_dir, resume=resume, console=console,
+                                debug=DEBUG["on"])
+    except ConfigError as e:
+        if DEBUG["on"]:
+            raise
+        fail(str(e), 2)
+    except StageError as e:  # the shared teacher: a trial's own failure is recorded and the search goes on
+        if DEBUG["on"]:
+            raise
+        fail(f"{e}\nFix the cause and continue with `pipeline search --resume` (make search RESUME=1).", 1)
+    _print_search(search_dir, time.monotonic() - t0)
+
+
+def _print_search(search_dir: Path, session_s: float) -> None:
+    import json
+
+    from pipeline.report import budgets
+    from pipeline.report.build import SEARCH_HEADER, search_cells
+    report = json.loads((search_dir / "report.json").read_text())
+    s = report["search"]
+    table = Table(title=f"search {s['id']}: budgets of {report['profile']['name']}")
+    for h in SEARCH_HEADER:
+        table.add_column(h, overflow="fold")
+    for c in s["candidates"]:
+        cells = search_cells(c)
+        table.add_row(*(cells[h] for h in SEARCH_HEADER))
+    console.print(table)
+    console.print(budgets.verdict_line(report), highlight=False, markup=False)
+    if s.get("stopped"):
+        console.print(f"stopped: {s['stopped']}", highlight=False, markup=False)
+    console.print(f"trials: {s['trials']} ({s['runs']} runs, {s['runs_failed']} failed); wall time: "
+                  f"{s['wall_s'] / 60:.1f} min over {s['sessions']} session(s) (this command: {session_s / 60:.1f} "
+                  f"min); CPU time: {s['cpu_s'] / 60:.1f} min", highlight=False)
+    console.print(f"search directory: {search_dir}\nreport: {search_dir / 'report.md'}", highlight=False)
+
+
 @app.command("check")
 def check_command(profile: Annotated[str, typer.Option(help="a name from profiles/ or a YAML path")] = "edge-cpu",
                   recipe: Annotated[Path, typer.Option(help="what to compress")] = DEFAULT_RECIPE) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, Field, PrivateAttr, ValidationError, create_model, model_validator
+from pydantic import (AfterValidator, BaseModel, Field, PrivateAttr, ValidationError, create_model, field_validator,
+                      model_validator)
 
 import stages
 from pipeline.errors import ConfigError
@@ -165,12 +166,41 @@ def _stage_configs() -> dict[str, Any]:
     return {name: (stages.load(name).Config, Field(default_factory=stages.load(name).Config)) for name in stages.STAGES}
 
 
+class SearchConfig(Strict):
+    """`pipeline search`: the space of students it tries and what it may spend (README: Search)."""
+    students: list[ModelSpec] = Field([], description="student specs to try; empty = models.student")
+    width_multipliers: list[Annotated[float, Field(gt=0)]] = Field(
+        [1.0], min_length=1, description="each student's widths scaled (resnet widths, cnn channels and hidden, mlp "
+                                         "hidden), rounded, at least 1")
+    prune_ratios: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        [], description="prune.ratio values; 0 = not pruned; empty = the recipe's prune (0 when disabled)")
+    precisions: list[Literal["fp32", "int8"]] = Field([], description="deployed precisions; empty = the profile's "
+                                                                      "fp32 and int8")
+    temperatures: list[Annotated[float, Field(gt=0)]] = Field([], description="KD temperatures; empty = "
+                                                                              "distill.temperature")
+    epochs: list[Annotated[int, Field(ge=1)]] = Field(
+        [2, 6], min_length=1, description="distill epochs of each successive-halving rung, increasing: every trial "
+                                          "runs the first, the best `keep` share of a rung the next")
+    keep: float = Field(0.5, gt=0, le=1, description="share of a rung's trials (rounded up) that continue")
+    max_trials: int = Field(16, ge=1, description="trials at most; a larger space is sampled (seeded)")
+    max_minutes: float = Field(60.0, gt=0, description="no run starts once the search's wall time plus the mean of "
+                                                       "its rung's finished runs would pass this")
+
+    @field_validator("epochs")
+    @classmethod
+    def _rungs_grow(cls, v: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("must increase from rung to rung, e.g. [2, 6]")
+        return v
+
+
 class RecipeBase(Strict):
     name: FileName
     seed: int = 0
     data: DataConfig = DataConfig()
     models: Models
     max_accuracy_drop_per_stage: float = Field(0.01, ge=0, le=1, description="a stage losing more is flagged")
+    search: SearchConfig = Field(default_factory=SearchConfig, description="pipeline search only")
 
 
 _recipe_cls: type[RecipeBase] | None = None

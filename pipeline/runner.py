@@ -143,9 +143,9 @@ class Runner:
                 prev["reused"] = True
                 self._save()
                 ctx.log(f"[green]✓ {name}[/]: unchanged, reused ({len(outputs)} artifacts)")
-                continue
-            artifacts.update(self._run_stage(name, mod, cfg, key, artifacts))
-            if name == until:
+            else:
+                artifacts.update(self._run_stage(name, mod, cfg, key, artifacts))
+            if name == until:  # also when reused: a resumed run `until` a stage stops there
                 break
         if until is None:
             self.record["status"] = "ok"

@@ -96,6 +96,15 @@ def flags(report: dict) -> list[dict]:
     return out
 
 
+def pareto(points: list[tuple[float, float] | None]) -> list[bool]:
+    """For (latency, accuracy) points, whether each is on the front: no other point is at least as fast and at least
+    as accurate, and strictly better in one. None (not measured) is never on it; equal points are both on it."""
+    def beats(q: tuple[float, float], p: tuple[float, float]) -> bool:
+        return q[0] <= p[0] and q[1] >= p[1] and (q[0] < p[0] or q[1] > p[1])
+    real = [p for p in points if p is not None and p[0] is not None and p[1] is not None]
+    return [p in real and not any(beats(q, p) for q in real) for p in points]
+
+
 def recommend(report: dict) -> dict | None:
     """The artifact budgets.recommendation chooses (report.json's `recommended`), or None."""
     return budgets.recommendation(report)[0]
@@ -229,8 +238,55 @@ def render_md(report: dict) -> str:
         lines += [f"- {k}: {v}" for k, v in distill_facts(d)]
         lines.append("")
     lines += budget_md(report) + [budgets.verdict_line(report), ""]
+    if report.get("search"):
+        lines += search_md(report["search"])
     for f in report.get("flags", []):
         lines.append(f"- flag {f['kind']}: `{f['artifact']}` on {f['provider']}: {f['detail']}")
     for n in report.get("notes", []):
         lines.append(f"- note: {n}")
     return "\n".join(lines) + "\n"
+
+
+SEARCH_HEADER = ["candidate", "student", "prec", "epochs", "acc", "p95 ms", "KiB", "mJ/inf", "how", "cost min",
+                 "front", "verdict"]
+
+
+def search_cells(c: dict) -> dict[str, str]:
+    """One candidate of a search report (report['search']['candidates']) as text per SEARCH_HEADER column."""
+    p95 = fmt(c.get("p95_ms"), 4) if c.get("p95_ms") is not None else (
+        f"≥{c['lower_bound_ms']:.4f}e" if c.get("lower_bound_ms") is not None else "—")
+    energy = fmt(c.get("energy_mj"), 4) + ("e" if c.get("energy_how") == "estimated" else "")
+    return {"candidate": c["artifact"], "student": c["label"], "prec": c["precision"], "epochs": str(c["epochs"]),
+            "acc": fmt(c.get("accuracy"), 4), "p95 ms": p95,
+            "KiB": "—" if c.get("size_bytes") is None else f"{c['size_bytes'] / 1024:.1f}",
+            "mJ/inf": energy if c.get("energy_mj") is not None else "—", "how": c["provenance"],
+            "cost min": f"{c['cost_min']:.1f}", "front": "yes" if c.get("on_front") else "",
+            "verdict": short_verdict(c)}
+
+
+def short_verdict(c: dict) -> str:
+    """'meets every budget', or 'misses min_accuracy by 0.0133, ...' and what is unmeasured."""
+    if c.get("meets_all"):
+        return "meets every budget"
+    parts = [f"misses {m['budget']} by {m['by']:.3g}" for m in c.get("missed", [])]
+    parts += [f"{b} unmeasured" for b in c.get("unmeasured", [])]
+    return "; ".join(parts) or c.get("verdict", "")
+
+
+def search_md(s: dict) -> list[str]:
+    """The search section of report.md: every candidate, the Pareto front, what the search cost."""
+    t = s.get("teacher") or {}
+    lines = [f"## Search `{s['id']}`", "",
+             f"{s['trials']} trials, {s['runs']} runs ({s['runs_failed']} failed), wall time {s['wall_s'] / 60:.1f} "
+             f"min (CPU {s.get('cpu_s', 0) / 60:.1f} min) over {s.get('sessions', 1)} session(s); teacher {'reused' if t.get('reused') else 'trained'} "
+             f"({(t.get('wall_s') or 0) / 60:.1f} min here)." + (f" Stopped: {s['stopped']}." if s.get("stopped")
+                                                                   else ""), "",
+             "Pareto front (accuracy against measured p95 latency, fastest first): "
+             + (", ".join(f"`{a}`" for a in s["front"]) or "empty (nothing measured on the target)") + ".", "",
+             "| " + " | ".join(SEARCH_HEADER) + " |", "|" + "---|" * len(SEARCH_HEADER)]
+    for c in s["candidates"]:
+        cells = search_cells(c)
+        lines.append("| " + " | ".join(cells[h].replace("|", "/") for h in SEARCH_HEADER) + " |")
+    lines += ["", "how: measured = p95 measured on the target; estimated = a roofline lower bound, never a budget "
+                  "met; cost: the candidate's trial, all its runs (the shared teacher not included).", ""]
+    return lines
