@@ -80,11 +80,14 @@ def whole_run(data: Path, work: Path, workers: int, n: int) -> dict:
     epochs = 1 if n >= 2000 else 4  # enough steps to pass the collapse check (10 colour classes)
     recipe = {"name": f"bench-{data.name}", "seed": 0,
               "data": {"kind": "imagefolder", "root": str(data), "image_size": 224, "channels": 3, "mean": MEAN,
-                       "std": STD, "workers": workers, "augment": {"hflip": 0.5}},
-              "models": {"teacher": TEACHER, "student": STUDENT},
+                       "std": STD, "workers": workers},
+              # MLPs: memory does not depend on the models, and 2 cores would spend hours in 224x224 convolutions
+              "models": {"teacher": {"arch": "mlp", "kwargs": {"hidden": [32]}},
+                         "student": {"arch": "mlp", "kwargs": {"hidden": [16]}}},
               "teacher": {"epochs": epochs, "batch_size": 64, "lr": 0.01, "warmup_epochs": 0},
               "distill": {"method": "hinton", "epochs": epochs, "batch_size": 64, "lr": 0.01, "warmup_epochs": 0},
-              "prune": {"enabled": True, "ratio": 0.5, "epochs": epochs, "batch_size": 64, "warmup_epochs": 0},
+              "prune": {"enabled": True, "ratio": 0.5, "epochs": epochs, "batch_size": 64, "warmup_epochs": 0,
+                        "lr": 0.01},
               "quantize": {"enabled": True, "calibration_samples": 128},
               "benchmark": {"warmup": 3, "min_runs": 20, "min_duration_s": 0.1, "throughput_duration_s": 0.1,
                             "energy_window_s": 0.1}}
