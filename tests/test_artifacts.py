@@ -6,7 +6,7 @@ import json
 from pipeline.artifacts import ROLES, is_candidate, is_trained
 from pipeline.report.build import flags, recommend
 from pipeline.report.schema import SCHEMA_PATH
-from tests.test_gate import crafted_report, row
+from tests.report.test_gate import crafted_report, row
 
 
 def test_roles_are_each_fp32_role_and_its_quantized_variants():

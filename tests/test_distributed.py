@@ -90,7 +90,7 @@ def test_two_ranks_stream_an_imagefolder_through_a_torchrun_rendezvous(tmp_path,
     """Each rank reads its part of every batch from disk with its own DataLoader workers; the launch goes
     through PIPELINE_TORCHRUN_ARGS (a c10d rendezvous, as across machines) instead of --standalone."""
     from pipeline.distributed import result_path, run_stage_distributed
-    from tests.test_data import _digits_pngs
+    from tests.train.test_data import _digits_pngs
     _digits_pngs(tmp_path / "images", {"train": 14, "test": 4})
     data = yaml.safe_load(DEFAULT_RECIPE.read_text())
     data["data"] = {"kind": "imagefolder", "root": str(tmp_path / "images"), "image_size": 8, "channels": 1,

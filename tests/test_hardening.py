@@ -183,7 +183,7 @@ def test_bad_student_kwargs_are_found_at_load_before_the_teacher_trains(tmp_path
 
 
 def test_a_student_factory_with_the_wrong_class_count_is_found_at_load(tmp_path):
-    res, made = run_cli(tmp_path, "--recipe", str(write_recipe(tmp_path, student__arch="tests.test_models:tiny_net",
+    res, made = run_cli(tmp_path, "--recipe", str(write_recipe(tmp_path, student__arch="tests.train.test_models:tiny_net",
                                                                student__kwargs={})))
     assert res.exit_code == 2
     assert "models.student: the model gives (2, 3) for a batch of 2, and the data needs (2, 10)" in res.stderr

@@ -170,7 +170,7 @@ def test_a_null_cpu_flag_in_report_json_is_rendered_or_refused(run_files, tmp_pa
 def bundle(real_run, tmp_path_factory) -> bytes:
     """A real bundle: the real run, benchmarked for an edge-cpu copy whose accuracy budgets it meets, shipped."""
     from pipeline.ship.bundle import ship
-    from tests.test_gate import LOOSE, profile_file, rerun
+    from tests.report.test_gate import LOOSE, profile_file, rerun
     tmp = tmp_path_factory.mktemp("prop-ship")
     prof = profile_file(tmp, "edge-cpu", "edge-cpu-loose", **LOOSE)
     return ship(rerun(real_run, tmp, prof), str(prof), tmp / "dist").read_bytes()

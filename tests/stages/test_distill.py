@@ -204,7 +204,7 @@ def test_a_student_distilled_from_an_onnx_teacher(taught, tmp_path):
 def test_imagefolder_recipe_with_a_factory_teacher_checkpoint_runs_end_to_end(tmp_path):
     from pipeline.config import load_profile, load_recipe
     from pipeline.runner import Runner
-    from tests.test_data import _digits_pngs
+    from tests.train.test_data import _digits_pngs
     _digits_pngs(tmp_path / "images", {"": 18})
     factory = {"in_channels": 1, "num_classes": 10, "image_size": 8, "channels": [16, 32]}
     net = models.SmallCNN(**factory)

@@ -20,7 +20,7 @@ from pipeline.device.energy import (
     query_jetson_state,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parent.parent / "fixtures"
 
 # Every line of every tegrastats fixture, read off the files by eye:
 # (timestamp or None, RAM used MB, RAM total MB, GR3D %, GR3D MHz or None, {rail: (instant mW, average mW)})

@@ -11,7 +11,7 @@ from pipeline.report import budgets, html
 from pipeline.report.build import render_md
 from pipeline.report.gate import gate
 from pipeline.config import load_profile
-from tests.test_gate import crafted_report, profile_file, row, write
+from tests.report.test_gate import crafted_report, profile_file, row, write
 
 
 def _report(rows, **b):

@@ -22,7 +22,7 @@ from pipeline.device import manifest as mf
 from pipeline.errors import ConfigError
 from pipeline.ship import bundle as ship_mod
 from pipeline.ship.bundle import shipped_names, parse_to, ship, verify
-from tests.test_gate import LOOSE, profile_file, rerun
+from tests.report.test_gate import LOOSE, profile_file, rerun
 
 cli = CliRunner()
 DEVICE = Path(ship_mod.__file__).parent / "device"

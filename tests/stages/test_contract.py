@@ -14,7 +14,7 @@ def test_the_readme_lists_the_stages_in_their_order():
     """The README's stage table is documentation of STAGES: same names, same order."""
     import re
     from pathlib import Path
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     listed = re.findall(r"^\| \d+ \| (\w+) \|", readme, flags=re.M)
     assert tuple(listed) == STAGES
 

@@ -16,7 +16,7 @@ from pipeline.report.build import flags as report_flags
 from pipeline.report.build import recommend as report_recommend
 from pipeline.report.build import render_md
 from pipeline.report.rerender import rerender
-from tests.test_gate import crafted_report, row
+from tests.report.test_gate import crafted_report, row
 
 cli = CliRunner()
 

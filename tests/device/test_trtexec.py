@@ -25,7 +25,7 @@ from pipeline.device.trtexec import (
     parse_log,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parent.parent / "fixtures"
 
 
 def load(name: str):

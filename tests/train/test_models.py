@@ -11,7 +11,7 @@ from pipeline.train import models
 
 
 def tiny_net(width: int = 4, num_classes: int = 3) -> nn.Module:
-    """A user's own factory, named in a recipe as tests.test_models:tiny_net."""
+    """A user's own factory, named in a recipe as tests.train.test_models:tiny_net."""
     return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(width, num_classes))
 
@@ -31,14 +31,14 @@ def test_bad_arch_or_kwargs_is_a_config_error_that_says_what_to_do():
     with pytest.raises(ConfigError, match="width_mult"):
         models.build(ModelSpec(arch="resnet18", kwargs={"width_mult": 0.5}), 1, 10, 8)
     with pytest.raises(ConfigError, match="cannot import"):
-        models.build(ModelSpec(arch="tests.test_models:no_such_factory"), 1, 10, 8)
+        models.build(ModelSpec(arch="tests.train.test_models:no_such_factory"), 1, 10, 8)
 
 
 def test_factory_with_kwargs_loads_a_ddp_prefixed_state_dict_checkpoint(tmp_path):
     src = tiny_net(width=6)
     ckpt = tmp_path / "w.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}, "epoch": 3}, ckpt)
-    spec = ModelSpec(arch="tests.test_models:tiny_net", kwargs={"width": 6}, checkpoint=ckpt)
+    spec = ModelSpec(arch="tests.train.test_models:tiny_net", kwargs={"width": 6}, checkpoint=ckpt)
     got = models.build(spec, 1, 3, 8)
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(got(x), src(x))
@@ -159,19 +159,19 @@ def test_probe_finds_bad_kwargs_and_head_size_without_moving_the_seeded_rng():
                                           r"fails \(TypeError: "):
         models.probe(ModelSpec(arch="mlp", kwargs={"nonsense": 1}), 1, 10, 8, field="models.student")
     with pytest.raises(ConfigError, match=r"the model gives \(2, 3\) for a batch of 2, and the data needs \(2, 10\)"):
-        models.probe(ModelSpec(arch="tests.test_models:tiny_net"), 1, 10, 8)
+        models.probe(ModelSpec(arch="tests.train.test_models:tiny_net"), 1, 10, 8)
     with pytest.raises(ConfigError, match=r"fails on a batch of shape \(2, 3, 8, 8\)"):
-        models.probe(ModelSpec(arch="tests.test_models:tiny_net"), 3, 3, 8)  # a 1-channel first conv
+        models.probe(ModelSpec(arch="tests.train.test_models:tiny_net"), 3, 3, 8)  # a 1-channel first conv
 
 
 def test_probe_of_large_inputs_runs_on_meta_tensors_and_still_checks_the_head(tmp_path):
     big = models.probe(ModelSpec(arch="resnet18"), 3, 10, models.PROBE_MAX_SIZE * 2)
     assert next(big.parameters()).is_meta  # no memory taken, no compute done
     with pytest.raises(ConfigError, match=r"the model gives \(2, 3\) for a batch of 2, and the data needs \(2, 10\)"):
-        models.probe(ModelSpec(arch="tests.test_models:tiny_net"), 1, 10, models.PROBE_MAX_SIZE * 2)
+        models.probe(ModelSpec(arch="tests.train.test_models:tiny_net"), 1, 10, models.PROBE_MAX_SIZE * 2)
     state = tiny_net().state_dict()
     state["4.weight"] = torch.zeros(5, 4)
     torch.save(state, tmp_path / "w.pt")
     with pytest.raises(ConfigError, match=r"shape mismatch: 4\.weight: checkpoint \(5, 4\) vs model \(3, 4\)"):
-        models.probe(ModelSpec(arch="tests.test_models:tiny_net", checkpoint=tmp_path / "w.pt"), 1, 3,
+        models.probe(ModelSpec(arch="tests.train.test_models:tiny_net", checkpoint=tmp_path / "w.pt"), 1, 3,
                      models.PROBE_MAX_SIZE * 2)
