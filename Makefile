@@ -31,7 +31,7 @@ pipeline: $(STAMP)
 # to digits-64 here; P95 and MAX_DROP replace the profile's p95_latency_ms and max_accuracy_drop (empty: the
 # profile's); RESUME=1 continues runs/search-latest with the budgets it started with.
 SEARCH_RECIPE := $(if $(filter command line environment,$(origin RECIPE)),$(RECIPE),recipes/digits-64.yaml)
-P95      ?= 0.3
+P95      ?= 0.5
 MAX_DROP ?= 0.01
 search: $(STAMP)
 	$(BIN)/pipeline check --profile $(PROFILE) --recipe $(SEARCH_RECIPE)

@@ -183,8 +183,9 @@ class SearchConfig(Strict):
                                           "runs the first, the best `keep` share of a rung the next")
     keep: float = Field(0.5, gt=0, le=1, description="share of a rung's trials (rounded up) that continue")
     max_trials: int = Field(16, ge=1, description="trials at most; a larger space is sampled (seeded)")
-    max_minutes: float = Field(60.0, gt=0, description="no run starts once the search's wall time plus the mean of "
-                                                       "its rung's finished runs would pass this")
+    max_minutes: float = Field(60.0, gt=0, description="no run starts once the search's wall time plus its expected "
+                                                       "duration (the trial's last run scaled by epochs, else the "
+                                                       "rung's mean) would pass this")
 
     @field_validator("epochs")
     @classmethod

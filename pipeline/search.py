@@ -11,9 +11,9 @@ searches) and every trial loads it as models.teacher.checkpoint.
 search.json holds every trial's state and is written atomically after each change: `pipeline search --resume`
 continues runs/search-latest, skips finished runs and resumes a killed one inside its stage (the runner's
 --resume). The search's report.json is a report of the run kind (pipeline/report/report.schema.json) whose rows
-are every trial's candidates, named <trial>/<artifact>, plus its `search` section: the candidates with the
-Pareto front, the cost and provenance of each. budgets.py judges it as it judges a run, so the recommendation and
-the nearest miss mean the same thing here as in a run's report.
+are every trial's candidates, named <trial run dir>/<artifact> (t02-e4/student-pruned.int8.onnx), plus its
+`search` section: the candidates with the Pareto front, the cost and provenance of each. budgets.py judges it
+as it judges a run, so the recommendation and the nearest miss mean the same thing here as in a run's report.
 """
 from __future__ import annotations
 
@@ -104,6 +104,7 @@ def label(trial: dict) -> str:
 
 
 def deployed(trial: dict, precision: str) -> str:
+    """The trial's candidate at this precision: its pruned student when it prunes, else its student."""
     stem = "student-pruned" if trial["prune_ratio"] > 0 else "student"
     return f"{stem}.onnx" if precision == "fp32" else f"{stem}.{precision}.onnx"
 
@@ -157,6 +158,7 @@ class Search:
                           "elapsed_s": 0.0, "sessions": 0, "teacher": None, "rungs": [], "stopped": None,
                           "trials": trials}
         self.state["sessions"] = self.state.get("sessions", 0) + 1
+        self.state["stopped"] = None  # judged again in this session (the stored max_minutes still applies)
         self.t0, self.elapsed0 = time.monotonic(), self.state["elapsed_s"]
         self.cpu0, self.cpu_before = _cpu_s(), self.state.get("cpu_s", 0.0)
         self._save()
@@ -181,6 +183,13 @@ class Search:
             if not ids:
                 break
         report = self.report()
+        # the budgets this search judged (--p95, --max-drop included): gate and ship read them from here, as from a
+        # run; ship also reads the data settings, splits and timing, copied from the recommended candidate's run
+        atomic_write_text(self.dir / "profile.json", json.dumps(self.state["profile"], indent=2))
+        rec = (report.get("recommended") or report.get("nearest_miss") or {}).get("artifact")
+        if rec:
+            for name in ("recipe.json", "splits.json", "benchmark.json"):
+                atomic_write_text(self.dir / name, (self.dir / rec.split("/")[0] / name).read_text())
         atomic_write_text(self.dir / "report.json", json.dumps(report, indent=2, default=float))
         atomic_write_text(self.dir / "report.md", render_md(report))
         from pipeline.report import html
@@ -224,14 +233,12 @@ class Search:
         if run is not None and run["status"] in ("ok", "failed"):
             self.console.print(f"  {trial['id']} e{epochs}: {run['status']} earlier, kept")
             return True
-        done = [r["duration_s"] for t in self.state["trials"] for r in t["runs"]
-                if r["rung"] == rung and r["status"] == "ok"]
-        expected = sum(done) / len(done) if done else 0.0
+        expected = self._expected_s(trial, rung, epochs)
         cap = self.recipe.search.max_minutes * 60
         if self._elapsed() + expected > cap:
             self.state["stopped"] = (f"search.max_minutes ({self.recipe.search.max_minutes:g}) reached: "
-                                     f"{self._elapsed() / 60:.1f} min spent, a rung-{rung} run takes "
-                                     f"{expected / 60:.1f} min; {trial['id']} and later runs not started")
+                                     f"{self._elapsed() / 60:.1f} min spent, {trial['id']}'s rung-{rung} run would take "
+                                     f"about {expected / 60:.1f} min; it and later runs not started")
             self._save()
             self.console.print(f"[yellow]{self.state['stopped']}[/]")
             return False
@@ -263,8 +270,18 @@ class Search:
             best = max(c, key=lambda x: x["accuracy"] or 0.0)
             self.console.print(f"  {trial['id']} e{epochs}: " + "; ".join(
                 f"{x['precision']} acc {fmt(x['accuracy'], 4)} p95 {fmt(x['p95_ms'], 3)} ms" for x in c) + f" ({run['duration_s'] / 60:.1f} min)"
-                + (" [meets every budget]" if best["meets_all"] else ""))
+                + (" \\[meets every budget]" if best["meets_all"] else ""))  # rich markup: \\[ prints a bracket
         return True
+
+    def _expected_s(self, trial: dict, rung: int, epochs: int) -> float:
+        """How long this run should take: the trial's previous run scaled by the epochs (an overestimate: only
+        distillation grows), else the mean of the rung's finished runs, else 0 (the first run always starts)."""
+        prev = [r for r in trial["runs"] if r["rung"] < rung and r["status"] == "ok"]
+        if prev:
+            return prev[-1]["duration_s"] * epochs / prev[-1]["epochs"]
+        done = [r["duration_s"] for t in self.state["trials"] for r in t["runs"]
+                if r["rung"] == rung and r["status"] == "ok"]
+        return sum(done) / len(done) if done else 0.0
 
     def _promote(self, rung: int) -> list[str]:
         """The best `keep` share (rounded up) of the rung's finished trials that can still meet the architecture
@@ -349,7 +366,8 @@ def _read_report(run_dir: Path) -> dict:
 
 
 def merge(profile: dict, parts: list[tuple[dict, dict, dict]], precs: list[str], state: dict) -> dict:
-    """One report of the run kind over the trials: each trial's candidate rows as <trial>/<artifact>, the
+    """One report of the run kind over the trials: each trial's candidate rows as <run dir>/<artifact> (a path
+    from the search directory), the
     teacher's rows from the first trial (every trial loads the same teacher), judged by `profile`'s budgets."""
     rows: list[dict] = []
     first = parts[0][2] if parts else {}
@@ -358,8 +376,8 @@ def merge(profile: dict, parts: list[tuple[dict, dict, dict]], precs: list[str],
         names = {deployed(trial, p) for p in precs}
         for r in rep["rows"]:
             if r["artifact"] in names:
-                rows.append({**r, "artifact": f"{trial['id']}/{r['artifact']}",
-                             "predecessor": f"{trial['id']}/{r['predecessor']}" if r.get("predecessor") else None})
+                rows.append({**r, "artifact": f"{run['run_dir']}/{r['artifact']}",
+                             "predecessor": f"{run['run_dir']}/{r['predecessor']}" if r.get("predecessor") else None})
     notes = list(dict.fromkeys(n for _, _, rep in parts for n in rep.get("notes", [])))
     report = {
         "schema_version": SCHEMA_VERSION, "run_id": state["id"], "created": state["created"],
@@ -383,7 +401,7 @@ def candidates(report: dict, parts: list[tuple[dict, dict, dict]], precs: list[s
     for trial, run, _ in parts:
         cost = sum(r["duration_s"] for r in trial["runs"]) / 60
         for p in precs:
-            name = f"{trial['id']}/{deployed(trial, p)}"
+            name = f"{run['run_dir']}/{deployed(trial, p)}"
             s = standing.get(name)
             if s is None or not is_candidate(s.role):
                 continue

@@ -97,8 +97,10 @@ def test_every_candidate_is_in_the_report_and_the_report_follows_the_schema(resu
     report = schema.load(search_dir)  # the run kind's schema, with its search section
     s = report["search"]
     state = json.loads((search_dir / "search.json").read_text())
-    # 2 trials x 2 precisions, each trial's deployed artifact (pruned at 0.5)
-    want = {f"{t}/student-pruned{p}.onnx" for t in ("t00", "t01") for p in ("", ".int8")}
+    # 2 trials x 2 precisions: each trial's deployed artifact (pruned at 0.5) of its last run, named by that run
+    last = [max(t["runs"], key=lambda r: r["rung"])["run_dir"] for t in state["trials"]]
+    want = {f"{d}/student-pruned{p}.onnx" for d in last for p in ("", ".int8")}
+    assert all((search_dir / w).is_file() for w in want)  # the names are paths from the search directory
     assert {c["artifact"] for c in s["candidates"]} == want
     assert want <= {r["artifact"] for r in report["rows"]}
     assert s["trials"] == 2 and state["status"] == "done"
@@ -113,7 +115,7 @@ def test_every_candidate_is_in_the_report_and_the_report_follows_the_schema(resu
     assert (search_dir / "report.md").read_text().count("student-pruned") >= 4
     page = (search_dir / "report.html").read_text()
     search_part = page[page.index("<h2>Search <code>"):page.index("<h2>Budgets")]
-    assert "<svg" in search_part and "the step line is the Pareto front" in search_part  # the plot, inline
+    assert "<svg" in search_part and "are the Pareto front" in search_part  # the plot, inline
     assert all(c["artifact"] in search_part for c in s["candidates"])
 
 
@@ -153,6 +155,22 @@ def test_the_recommendation_is_the_most_accurate_candidate_meeting_every_budget(
     assert rec is not None and rec["basis"] == "target"
     assert rec["accuracy"] == max(c["accuracy"] for c in ok)
     assert budgets.evaluate(report)[rec["artifact"]].meets_all
+
+
+def test_gate_and_ship_read_a_search_like_a_run(resumed, tmp_path):
+    """The gate judges the search's own budgets (profile.json; edge-cpu's file would fail these tiny students), and
+    ship bundles the recommended candidate, which verifies."""
+    search_dir = resumed[0]
+    gate = subprocess.run([sys.executable, "-m", "pipeline", "gate", str(search_dir)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert gate.returncode == 0 and "≤ 50 ms" in gate.stdout, gate.stdout + gate.stderr
+    ship = subprocess.run([sys.executable, "-m", "pipeline", "ship", str(search_dir), "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ship.returncode == 0, ship.stdout + ship.stderr
+    bundle = next(tmp_path.glob("bundle-*.tar.gz"))
+    verify = subprocess.run([sys.executable, "-m", "pipeline", "verify", str(bundle)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert verify.returncode == 0 and "verified" in verify.stdout, verify.stdout + verify.stderr
 
 
 def test_with_no_candidate_meeting_the_budgets_the_nearest_miss_is_named(resumed):

@@ -201,7 +201,7 @@ def _search(report: dict) -> str:
             + (f"<figure>{plot}<figcaption>Every candidate: p95 latency at batch 1 measured on the target (hollow "
                "diamonds: estimated lower bounds, which never meet a budget and are never on the front) against "
                "test accuracy; colour = the candidate's cost in minutes (its trial's runs); dashed lines are the "
-               "budgets; the step line is the Pareto front.</figcaption></figure>" if plot else
+               "budgets; green rings (joined by a step line) are the Pareto front.</figcaption></figure>" if plot else
                "<p>No candidate has both a latency and an accuracy to plot.</p>")
             + "<div class=scroll><table class=results><thead><tr>"
             + "".join(f"<th>{esc(h)}</th>" for h in SEARCH_HEADER) + f"</tr></thead><tbody>{''.join(trs)}</tbody>"
@@ -233,6 +233,9 @@ def search_svg(report: dict) -> str | None:
             ax.scatter([p["x"] for p in sel], [p["y"] for p in sel], marker=marker, s=70, zorder=3, linewidths=1.5,
                        facecolors=colors if kind == "target" else "none", edgecolors=colors)
     front = sorted((p for p in pts if p["front"]), key=lambda p: p["x"])
+    if front:  # ringed, and joined by a step line when there are several
+        ax.scatter([p["x"] for p in front], [p["y"] for p in front], s=220, facecolors="none", edgecolors="#2ca02c",
+                   linewidths=2, zorder=4)
     if len(front) > 1:
         ax.step([p["x"] for p in front], [p["y"] for p in front], where="post", color="#2ca02c", lw=1, zorder=2)
     b = report["profile"].get("budgets") or {}
@@ -245,7 +248,9 @@ def search_svg(report: dict) -> str | None:
                       f"teacher − max drop {b['max_accuracy_drop']} = {teacher - b['max_accuracy_drop']:.4f}"))
     handles = [Line2D([], [], ls="", marker="o", color="#444", label="measured on target"),
                Line2D([], [], ls="", marker="D", color="#444", markerfacecolor="none",
-                      label="estimated lower bound")]
+                      label="estimated lower bound"),
+               Line2D([], [], ls="", marker="o", markersize=12, color="#2ca02c", markerfacecolor="none",
+                      label="on the Pareto front")]
     for axis, v, color, text in lines:
         if v is not None:
             (ax.axvline if axis == "v" else ax.axhline)(v, color=color, ls="--", lw=1.2)
