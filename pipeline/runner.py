@@ -31,17 +31,18 @@ RUN_SCHEMA = 1
 DISTRIBUTED_STAGES = ("teacher", "distill")  # the training stages that run under torchrun with --nproc > 1
 
 
-def new_run_dir(runs_dir: Path, profile: Profile, recipe: RecipeBase) -> Path:
-    """A fresh run directory; mkdir itself decides between parallel starts in the same second."""
+def new_run_dir(runs_dir: Path, profile: Profile, recipe: RecipeBase, prefix: str = "") -> Path:
+    """A fresh run (or, with prefix 'search-', search) directory; mkdir itself decides between parallel starts
+    in the same second."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     for n in range(1, 10_000):
-        run_dir = runs_dir / f"{stamp}-{recipe.name}-{profile.name}{f'-{n}' if n > 1 else ''}"
+        run_dir = runs_dir / f"{prefix}{stamp}-{recipe.name}-{profile.name}{f'-{n}' if n > 1 else ''}"
         try:
             run_dir.mkdir()
             return run_dir
         except FileExistsError:
             continue
-    raise ConfigError(f"{runs_dir}: 10,000 runs started in one second; clean up the runs directory.")
+    raise ConfigError(f"{runs_dir}: 10,000 {prefix}runs started in one second; clean up the runs directory.")
 
 
 def latest_run(runs_dir: Path) -> Path:
@@ -51,11 +52,11 @@ def latest_run(runs_dir: Path) -> Path:
     return link.resolve()
 
 
-def _point_latest(runs_dir: Path, run_dir: Path) -> None:
-    link = runs_dir / "latest"
-    tmp = runs_dir / f".latest-{time.time_ns()}"
+def point_latest(runs_dir: Path, run_dir: Path, name: str = "latest") -> None:
+    """runs_dir/<name> -> run_dir, replaced atomically (a reader never sees it missing)."""
+    tmp = runs_dir / f".{name}-{time.time_ns()}"
     tmp.symlink_to(run_dir.name)
-    tmp.replace(link)
+    tmp.replace(runs_dir / name)
 
 
 def _key(name: str, cfg: Any, recipe: RecipeBase, profile: Profile, inputs: Artifacts, nproc: int = 1) -> str:
@@ -116,7 +117,7 @@ class Runner:
             pass
 
     def run(self, resume: bool = False, until: str | None = None) -> Artifacts:
-        with _locked(self.run_dir):
+        with locked(self.run_dir):
             artifacts = self._run(resume, until)
         return artifacts
 
@@ -199,16 +200,16 @@ class Runner:
 
 
 @contextlib.contextmanager
-def _locked(run_dir: Path):
-    """An exclusive lock on the run directory for the whole run: a second run or --resume is refused."""
+def locked(run_dir: Path, holder_cmd: str = "pipeline run",
+           fix: str = "Wait for it to finish, or start a new run without --resume."):
+    """An exclusive lock on a run (or search) directory while it works: a second process is refused."""
     fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            raise ConfigError(f"{run_dir}: in use by pipeline run (pid {holder}). Wait for it to finish, or "
-                              f"start a new run without --resume.") from None
+            raise ConfigError(f"{run_dir}: in use by {holder_cmd} (pid {holder}). {fix}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
@@ -233,7 +234,7 @@ def run_pipeline(recipe: RecipeBase, profile: Profile, *, recipe_path: Path, run
     except OSError as e:
         raise ConfigError(f"--runs-dir {runs_dir}: cannot create it ({e.strerror}). Give a writable directory.") from None
     run_dir = latest_run(runs_dir) if resume else new_run_dir(runs_dir, profile, recipe)
-    _point_latest(runs_dir, run_dir)
+    point_latest(runs_dir, run_dir)
     Runner(run_dir, recipe, profile, recipe_path=recipe_path, console=console, debug=debug,
            nproc=nproc).run(resume=resume)
     return run_dir

@@ -17,14 +17,11 @@ as it judges a run, so the recommendation and the nearest miss mean the same thi
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import inspect
 import itertools
 import json
 import math
-import os
 import random
 import time
 from datetime import datetime, timezone
@@ -37,6 +34,7 @@ from pipeline.config import ModelSpec, Profile, RecipeBase, check_model, num_cla
 from pipeline.errors import ConfigError, StageError, first_line
 from pipeline.report import budgets
 from pipeline.report.build import SCHEMA_VERSION, flags, fmt, pareto, render_md
+from pipeline.runner import locked, new_run_dir, point_latest
 
 SEARCH_SCHEMA = 1
 # budgets a longer distillation cannot fix: a trial missing them on every candidate is never promoted
@@ -131,9 +129,9 @@ def run_search(recipe: RecipeBase, profile: Profile, *, recipe_path: Path, runs_
     """Run (or continue) a search and write its search.json, report.json, report.md and report.html."""
     console = console or Console()
     runs_dir.mkdir(parents=True, exist_ok=True)
-    search_dir = _latest(runs_dir) if resume else _new_dir(runs_dir, recipe, profile)
-    _point_latest(runs_dir, search_dir)
-    with _locked(search_dir):
+    search_dir = _latest(runs_dir) if resume else new_run_dir(runs_dir, profile, recipe, prefix="search-")
+    point_latest(runs_dir, search_dir, "search-latest")
+    with locked(search_dir, "pipeline search", "Wait for it to finish."):
         return Search(search_dir, recipe, profile, recipe_path, runs_dir, console, debug, resume).run()
 
 
@@ -433,48 +431,12 @@ def _cpu_s() -> float:
 
 
 # ---------------------------------------------------------------- directories and the lock
-def _new_dir(runs_dir: Path, recipe: RecipeBase, profile: Profile) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    for n in range(1, 10_000):
-        d = runs_dir / f"search-{stamp}-{recipe.name}-{profile.name}{f'-{n}' if n > 1 else ''}"
-        try:
-            d.mkdir()
-            return d
-        except FileExistsError:
-            continue
-    raise ConfigError(f"{runs_dir}: 10,000 searches started in one second; clean up the runs directory.")
-
-
 def _latest(runs_dir: Path) -> Path:
     link = runs_dir / "search-latest"
     if not (link.exists() and (link / "search.json").is_file()):
         raise ConfigError(f"No search to resume in {runs_dir}/ (search-latest with a search.json): start one with "
                           f"`pipeline search` (or `make search`).")
     return link.resolve()
-
-
-def _point_latest(runs_dir: Path, d: Path) -> None:
-    tmp = runs_dir / f".search-latest-{time.time_ns()}"
-    tmp.symlink_to(d.name)
-    tmp.replace(runs_dir / "search-latest")
-
-
-@contextlib.contextmanager
-def _locked(d: Path):
-    """One process per search directory: a second `pipeline search --resume` is refused, naming the first."""
-    fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            raise ConfigError(f"{d}: in use by pipeline search (pid {holder}). Wait for it to finish.") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)
-
 
 
 OPTIONS = {"p95_latency_ms": "--p95", "max_accuracy_drop": "--max-drop"}  # the CLI's names for the budgets
