@@ -63,10 +63,15 @@ class Hardware(Strict):
     source: str = Field("", description="where these figures come from")
 
 
+Share = Annotated[float, Field(ge=0, le=1)]
+
+
 class Budgets(Strict):
     p95_latency_ms: float | None = Field(None, gt=0, description="at batch 1 on the target")
-    min_accuracy: float | None = Field(None, ge=0, le=1)
-    max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="vs the teacher, absolute")
+    # a number judges the first task's head (the only one of a single-task model); a mapping {task: value} judges
+    # each head it names (recipe `tasks:`), so one head missing its budget fails the gate
+    min_accuracy: Share | dict[str, Share] | None = None
+    max_accuracy_drop: Share | dict[str, Share] | None = Field(None, description="vs the teacher, absolute")
     max_size_mb: float | None = Field(None, gt=0)
     max_energy_mj: float | None = Field(None, gt=0, description="per inference at batch 1")
 
