@@ -9,6 +9,9 @@ figure compared, the limit and the margin (room left when positive, the miss whe
   max_accuracy_drop  the drop is against the teacher on the same provider and machine when measured there
   max_size_mb        the file with its external data, MB = 10^6 bytes
   max_energy_mj      the lowest energy per inference measured (energy_how) on the target
+A number for min_accuracy or max_accuracy_drop judges the model's first head (row["accuracy"]); a mapping
+{task: value} judges each head it names, as one check keyed "min_accuracy[task]", on row["heads"][task] with
+the same rules (the teacher's figure: its head of that task). A head the artifact does not have is unmeasured.
 Estimates and host-only figures never meet a target budget; with allow_estimates they are judged, labelled
 `estimated` (latency: the roofline lower bound; accuracy: a host measurement; energy: a formula).
 
@@ -29,6 +32,39 @@ UNITS = {"p95_latency_ms": "ms", "min_accuracy": "", "max_accuracy_drop": "", "m
          "max_energy_mj": "mJ"}
 Status = Literal["met", "missed", "unmeasured", "not_set"]
 EPS = 1e-9  # float representation, not leniency: 0.97 - 0.94 is 0.030000000000000027, a drop of exactly 0.03
+PER_HEAD = ("min_accuracy", "max_accuracy_drop")  # budgets that take {task: value}, one check per head
+
+
+def keys(b: dict) -> list[str]:
+    """Every check's key in order: the budget's name, or 'min_accuracy[parity]' per head a mapping names."""
+    return [key for k in BUDGETS for key in ([f"{k}[{t}]" for t in b[k]] if _per_head(k, b.get(k)) else [k])]
+
+
+def split(key: str) -> tuple[str, str | None]:
+    """'min_accuracy[parity]' -> ('min_accuracy', 'parity'); 'min_accuracy' -> ('min_accuracy', None)."""
+    name, _, task = key.partition("[")
+    return name, (task[:-1] if task else None)
+
+
+def limit_of(b: dict, key: str) -> float | None:
+    """The limit a check key stands for (None: not set)."""
+    name, task = split(key)
+    v = b.get(name)
+    return v.get(task) if task is not None and isinstance(v, dict) else (None if isinstance(v, dict) else v)
+
+
+def first_head_limit(report: dict, name: str) -> tuple[float | None, str]:
+    """(limit, ' (digit head)') for a figure of the first head, e.g. the accuracy a plot draws; a mapping that
+    does not name the first task gives None."""
+    v = (report["profile"].get("budgets") or {}).get(name)
+    if not isinstance(v, dict):
+        return v, ""
+    first = next((t["name"] for t in report.get("tasks") or []), None)
+    return (v.get(first), f" ({first} head)") if first is not None else (None, "")
+
+
+def _per_head(budget: str, v: object) -> bool:
+    return budget in PER_HEAD and isinstance(v, dict) and bool(v)  # {} names no head: the budget is not set
 
 
 def noise_margin_ms(a: dict, b: dict | None = None, q: str = "p50") -> float:
@@ -178,7 +214,12 @@ def _standing(art: str, rows: list[dict], b: dict, allow_estimates: bool) -> Sta
     s.latency = lat["latency_ms"] if lat else None
     for budget in BUDGETS:
         limit = b.get(budget)
-        if limit is None:
+        if _per_head(budget, limit):  # one check per head the mapping names
+            for task, value in limit.items():
+                key = f"{budget}[{task}]"
+                s.checks[key] = _head(key, task, value, on, measured_rows(rows, art, False), allow_estimates, rows)
+            continue
+        if limit is None or isinstance(limit, dict):
             s.checks[budget] = Check(budget, "not_set", message="not set in the profile")
         elif budget == "p95_latency_ms":
             s.checks[budget] = _latency(limit, lat, [r for r in mine if r["status"] == "estimated"], allow_estimates)
@@ -192,18 +233,47 @@ def _standing(art: str, rows: list[dict], b: dict, allow_estimates: bool) -> Sta
     return s
 
 
-def _accuracy_rows(on: list[dict], host: list[dict], allow_estimates: bool) -> tuple[list[dict], bool]:
-    found = [r for r in on if r.get("accuracy") is not None]
+def _accuracy_rows(on: list[dict], host: list[dict], allow_estimates: bool,
+                   task: str | None = None) -> tuple[list[dict], bool]:
+    found = [r for r in on if _acc(r, task) is not None]
     if found or not allow_estimates:
         return found, False
-    host = [r for r in host if r.get("accuracy") is not None]  # the same model on another machine
+    host = [r for r in host if _acc(r, task) is not None]  # the same model on another machine
     return host, bool(host)
+
+
+def _acc(row: dict, task: str | None) -> float | None:
+    """The row's accuracy: its first head's (task None) or the named head's (None when it has no such head)."""
+    if task is None:
+        return row.get("accuracy")
+    return ((row.get("heads") or {}).get(task) or {}).get("accuracy")
+
+
+def _head(key: str, task: str, limit: float, on: list[dict], host: list[dict], allow_estimates: bool,
+          rows: list[dict]) -> Check:
+    """A per-head accuracy budget: the worst accuracy of head `task` on the target, as for the first head."""
+    found, est = _accuracy_rows(on, host, allow_estimates, task)
+    if found:
+        return _accuracy(key, limit, min(found, key=lambda r: _acc(r, task)), est, rows, task)
+    mine = on + host
+    heads = list(dict.fromkeys(h for r in mine for h in r.get("heads") or {}))
+    if mine and not heads:
+        why = (f"no head '{task}': the artifact's rows have no per-head accuracy (a single-head model; a number "
+               f"for {split(key)[0]} judges its only head)")
+    elif heads and task not in heads:
+        why = f"no head '{task}' in the artifact (its heads: {', '.join(heads)})"
+    else:
+        why = f"no accuracy of head '{task}' measured on the target"
+    return Check(key, "unmeasured", limit, message=why)
 
 
 def compare(budget: str, value: float, limit: float, source: str, *, estimated: bool = False,
             shown: str | None = None, noise_ms: float | None = None) -> Check:
-    """value against limit (min_accuracy: at least; every other budget: at most), with the one-line message."""
-    unit, at_least = UNITS[budget], budget == "min_accuracy"
+    """value against limit (min_accuracy: at least; every other budget: at most), with the one-line message.
+
+    budget is a check's key: a budget's name, or 'min_accuracy[task]' for one head.
+    """
+    unit, at_least = UNITS[split(budget)[0]], split(budget)[0] == "min_accuracy"
     ok = value >= limit - EPS if at_least else value <= limit + EPS
     margin = value - limit if at_least else limit - value
     rel = f" ({abs(margin) / limit:.0%})" if limit else ""
@@ -250,36 +320,51 @@ def _energy(limit: float, on: list[dict], estimates: list[dict], allow_estimates
                    shown=f"{r['energy_mj']:.4g} mJ per inference")
 
 
-def _accuracy(budget: str, limit: float, row: dict | None, estimated: bool, rows: list[dict]) -> Check:
+def _accuracy(budget: str, limit: float, row: dict | None, estimated: bool, rows: list[dict],
+              task: str | None = None) -> Check:
+    """budget: 'min_accuracy' / 'max_accuracy_drop' on the first head, or their 'name[task]' keys on head task."""
     if row is None:
         return Check(budget, "unmeasured", limit, message="no accuracy measured on the target")
     src = row.get("accuracy_source", "") + (" (on the host, not the target)" if estimated else "")
-    if budget == "min_accuracy":
-        return compare(budget, row["accuracy"], limit, src, estimated=estimated)
-    teacher = _teacher_accuracy(rows, row)
+    acc, head = _acc(row, task), "" if task is None else f"{task} "
+    if split(budget)[0] == "min_accuracy":
+        return compare(budget, acc, limit, src, estimated=estimated,
+                       shown=None if task is None else f"{head}{acc:.4g}")
+    teacher = _teacher_accuracy(rows, row, task)
     if teacher is None:
-        return Check(budget, "unmeasured", limit, message="no measured teacher accuracy to compare with")
-    drop = teacher - row["accuracy"]
-    return compare(budget, drop, limit, f"{src}; teacher {teacher:.4f}", estimated=estimated,
-                   shown=f"drop {drop:.4f} (teacher {teacher:.4f} - {row['accuracy']:.4f})")
+        return Check(budget, "unmeasured", limit, message="no measured teacher accuracy to compare with" if task
+                     is None else f"no measured teacher accuracy of head '{task}' to compare with (no teacher row "
+                                  f"has that head)")
+    drop = teacher - acc
+    return compare(budget, drop, limit, f"{src}; {head}teacher {teacher:.4f}", estimated=estimated,
+                   shown=f"{head}drop {drop:.4f} (teacher {teacher:.4f} - {acc:.4f})")
 
 
-def _teacher_accuracy(rows: list[dict], like: dict) -> float | None:
-    """The teacher's accuracy on the same provider and machine if measured there, else any measured one."""
-    teach = [r for r in rows if r.get("role") == "teacher" and r["status"] == "measured"
-             and r.get("accuracy") is not None]
-    same = [r for r in teach if r["provider"] == like["provider"] and r["where"] == like["where"]]
-    return (same or teach)[0]["accuracy"] if (same or teach) else None
+def _teacher_accuracy(rows: list[dict], like: dict, task: str | None = None) -> float | None:
+    """The teacher's accuracy on the same provider and machine if measured there, else any measured one.
+
+    A head (task) is compared with the teacher's head of that task, else with the extra teacher that predicts it.
+    """
+    # an extra teacher (recipe tasks) is the reference of the heads it predicts and the teacher lacks
+    for roles in (("teacher",), ("extra-teacher",)) if task is not None else (("teacher",),):
+        teach = [r for r in rows if r.get("role") in roles and r["status"] == "measured"
+                 and _acc(r, task) is not None]
+        same = [r for r in teach if r["provider"] == like["provider"] and r["where"] == like["where"]]
+        if same or teach:
+            return _acc((same or teach)[0], task)
+    return None
 
 
 # ---------------------------------------------------------------- one table for report.md, report.html, the terminal
 def limits(report: dict) -> dict[str, str]:
-    """Each budget's column heading: 'p95_latency_ms ≤ 2 ms', 'min_accuracy ≥ 0.93', 'max_energy_mj (not set)'."""
+    """Each check's column heading: 'p95_latency_ms ≤ 2 ms', 'min_accuracy ≥ 0.93', 'max_energy_mj (not set)',
+    'min_accuracy[parity] ≥ 0.99' (keyed like Standing.checks)."""
     b = report["profile"].get("budgets") or {}
     out = {}
-    for k in BUDGETS:
-        cmp = "≥" if k == "min_accuracy" else "≤"
-        out[k] = f"{k} (not set)" if b.get(k) is None else f"{k} {cmp} {b[k]:g} {UNITS[k]}".strip()
+    for k in keys(b):
+        name, limit = split(k)[0], limit_of(b, k)
+        cmp = "≥" if name == "min_accuracy" else "≤"
+        out[k] = f"{k} (not set)" if limit is None else f"{k} {cmp} {limit:g} {UNITS[name]}".strip()
     return out
 
 

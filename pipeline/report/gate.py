@@ -2,7 +2,8 @@
 
 Exit codes (Verdict.code):
   0  every budget that is set is met by a measurement on the target
-  1  a budget is missed (the case says which and by how much), or the report recommends no artifact
+  1  a budget is missed (the case says which and by how much), or the report recommends no artifact; a budget
+     given per head ({task: value}) is one case per head, so one head missing its budget fails the gate
   2  no measurement on the target for a budget that is set (estimates pass only with allow_estimates)
   3  unusable input: no such run, no report.json, another schema_version, a profile for another target
 A miss outranks a missing measurement: 1 wins over 2, because what was measured already fails.
@@ -66,15 +67,16 @@ class Verdict:
         head = f"gate {self.verdict.upper()} (exit {self.code}): profile {self.profile}, run {self.run_dir}"
         if self.artifact:
             head += f", artifact {self.artifact}" + ("" if self.recommended else " (not recommended)")
-        lines = [head] + [f"  {c.status.upper():<15} {c.budget:<18} {c.message}" for c in self.cases]
+        width = max([18, *(len(c.budget) for c in self.cases)])  # 'min_accuracy[parity]': one check per head
+        lines = [head] + [f"  {c.status.upper():<15} {c.budget:<{width}} {c.message}" for c in self.cases]
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
     def junit(self) -> str:
-        """JUnit XML: one test case per budget (not-set budgets skipped), plus one for the recommendation."""
-        suite = ET.Element("testsuite", name=f"gate.{self.profile}", tests=str(len(BUDGETS) + 1))
+        """JUnit XML: one test case per budget and head (not-set budgets skipped), plus one for the recommendation."""
         counts = {"failures": 0, "errors": 0, "skipped": 0}
         cases = self.cases or [Case(b, "error", message=self.notes[0] if self.notes else self.verdict)
                                for b in BUDGETS]  # unusable input: every budget errs, none vanishes from CI
+        suite = ET.Element("testsuite", name=f"gate.{self.profile}", tests=str(len(cases) + 1))
         for c in [*cases, self._recommendation_case()]:
             tc = ET.SubElement(suite, "testcase", classname=f"gate.{self.profile}", name=c.budget)
             tag = {"failed": "failure", "no_measurement": "error", "error": "error", "not_set": "skipped"}.get(c.status)
@@ -123,7 +125,7 @@ def gate(run_dir: Path, profile: Profile | str, allow_estimates: bool = False) -
                                    "no-teacher control)"]
         return v
     v.artifact = picked.artifact
-    v.cases = [_case(picked.checks[b]) for b in BUDGETS]
+    v.cases = [_case(c) for c in picked.checks.values()]  # every budget in BUDGETS order, a mapping per head
     if allow_estimates and picked.estimated:
         v.notes.append("--allow-estimates: some budgets were judged on estimates or host figures, not on "
                        "measurements on the target (marked 'estimated'); this is not a measured pass.")

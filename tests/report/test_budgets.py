@@ -11,7 +11,7 @@ from pipeline.report import budgets, html
 from pipeline.report.build import render_md
 from pipeline.report.gate import gate
 from pipeline.config import load_profile
-from tests.report.test_gate import crafted_report, profile_file, row, write
+from tests.report.test_gate import crafted_report, profile_file, row, two_head_report, write
 
 
 def _report(rows, **b):
@@ -142,3 +142,74 @@ def test_a_drop_of_exactly_the_budget_is_met_despite_float_representation():
     rows = [row("t.onnx", "teacher", acc=0.97), row("s.onnx", "student", acc=0.94)]  # 0.97 - 0.94 > 0.03 in floats
     check = budgets.evaluate(crafted_report(rows=rows))["s.onnx"].checks["max_accuracy_drop"]
     assert check.status == "met", check.message
+
+
+# ---------------------------------------------------------------- multi-task: one check per head
+def test_a_per_head_budget_is_one_check_per_head_and_one_miss_fails_the_artifact():
+    report = two_head_report(min_accuracy={"digit": 0.9, "parity": 0.99})
+    s = budgets.evaluate(report)["s.onnx"]
+    assert "min_accuracy" not in s.checks
+    digit, parity = s.checks["min_accuracy[digit]"], s.checks["min_accuracy[parity]"]
+    assert digit.status == "met" and digit.value == 0.95 and digit.budget == "min_accuracy[digit]"
+    assert parity.status == "missed" and abs(parity.margin + 0.02) < 1e-9 and "parity 0.97 < 0.99" in parity.message
+    assert not s.meets_all and s.accuracy == 0.95  # the choice still ranks by the first head
+    rec, near = budgets.recommendation(report)
+    assert rec is None and near["budget"] == "min_accuracy[parity]" and abs(near["by"] - 0.02) < 1e-9
+    assert list(budgets.limits(report))[1:3] == ["min_accuracy[digit]", "min_accuracy[parity]"]
+    assert budgets.limits(report)["min_accuracy[parity]"] == "min_accuracy[parity] ≥ 0.99"
+
+
+def test_a_number_still_judges_the_first_head_under_its_plain_key():
+    report = two_head_report(min_accuracy=0.96)  # digit 0.95 misses, parity 0.97 would meet
+    check = budgets.evaluate(report)["s.onnx"].checks["min_accuracy"]
+    assert check.status == "missed" and check.value == 0.95 and check.message.startswith("0.95 < 0.96")
+    assert list(budgets.evaluate(report)["s.onnx"].checks) == list(budgets.BUDGETS)
+
+
+def test_a_head_is_judged_on_its_worst_provider_on_the_target_and_on_the_host_only_with_allow_estimates():
+    report = two_head_report(min_accuracy={"parity": 0.95})
+    report["rows"].insert(2, row("s.onnx", "student", provider="DnnlExecutionProvider",
+                                 heads={"digit": 0.96, "parity": 0.94}))
+    check = budgets.evaluate(report)["s.onnx"].checks["min_accuracy[parity]"]
+    assert check.status == "missed" and check.value == 0.94  # the worst provider's parity head, not the first row's
+    for r in report["rows"]:
+        r["on_target"] = False
+    assert budgets.evaluate(report)["s.onnx"].checks["min_accuracy[parity]"].status == "unmeasured"
+    est = budgets.evaluate(report, allow_estimates=True)["s.onnx"].checks["min_accuracy[parity]"]
+    assert est.status == "missed" and est.estimated and est.value == 0.94 and "on the host" in est.source
+
+
+def test_a_heads_drop_is_against_the_teacher_head_on_the_same_provider_else_the_extra_teacher_that_has_it():
+    report = two_head_report(max_accuracy_drop={"parity": 0.02})
+    report["rows"].insert(1, row("t.onnx", "teacher", provider="DnnlExecutionProvider",
+                                 heads={"digit": 0.97, "parity": 0.98}))
+    report["rows"][2]["provider"] = "DnnlExecutionProvider"  # the student, measured on Dnnl only
+    check = budgets.evaluate(report)["s.onnx"].checks["max_accuracy_drop[parity]"]
+    assert check.status == "met" and abs(check.value - 0.01) < 1e-9, check.message  # 0.98 - 0.97, not 0.995 - 0.97
+    for r in report["rows"]:  # the teacher predicts digits only; parity has its own extra teacher
+        if r["role"] == "teacher":
+            del r["heads"]["parity"]
+    check = budgets.evaluate(report)["s.onnx"].checks["max_accuracy_drop[parity]"]
+    assert check.status == "unmeasured" and "head 'parity'" in check.message
+    report["rows"].append(row("p.onnx", "extra-teacher", heads={"parity": 1.0}))
+    check = budgets.evaluate(report)["s.onnx"].checks["max_accuracy_drop[parity]"]
+    assert check.status == "missed" and abs(check.value - 0.03) < 1e-9
+
+
+def test_a_per_head_budget_on_a_single_head_model_is_unmeasured_and_says_why():
+    report = crafted_report(min_accuracy={"digit": 0.9})  # rows without heads
+    check = budgets.evaluate(report)["s.onnx"].checks["min_accuracy[digit]"]
+    assert check.status == "unmeasured" and "no head 'digit'" in check.message and "a number" in check.message
+    assert budgets.evaluate(crafted_report(min_accuracy={}))["s.onnx"].checks["min_accuracy"].status == "not_set"
+
+
+def test_single_task_reports_render_as_before():
+    """Keys, headings and messages of a report without tasks do not change (byte-identical renderings)."""
+    report = _report([row("t.onnx", "teacher", acc=0.97), row("s.onnx", "student", acc=0.95)])
+    assert budgets.keys(report["profile"]["budgets"]) == list(budgets.BUDGETS)
+    assert budgets.limits(report) == {"p95_latency_ms": "p95_latency_ms ≤ 2 ms", "min_accuracy": "min_accuracy ≥ 0.93",
+                                      "max_accuracy_drop": "max_accuracy_drop ≤ 0.03",
+                                      "max_size_mb": "max_size_mb ≤ 1 MB", "max_energy_mj": "max_energy_mj (not set)"}
+    checks = budgets.evaluate(report)["s.onnx"].checks
+    assert checks["min_accuracy"].message == "0.95 ≥ 0.93"
+    assert checks["max_accuracy_drop"].message == "drop 0.0200 (teacher 0.9700 - 0.9500) ≤ 0.03"

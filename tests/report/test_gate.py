@@ -22,8 +22,10 @@ cli = CliRunner()
 # ---------------------------------------------------------------- crafted reports
 def row(artifact: str, role: str, *, p95: float | None = 0.5, acc: float | None = 0.95, on_target: bool = True,
         status: str = "measured", size: int = 20_000, energy: float | None = None, energy_source: str = "",
-        energy_how: str = "measured", lower_bound: float | None = None, provider: str = "CPUExecutionProvider") -> dict:
-    """One benchmark row in the shape stages/benchmark.py writes."""
+        energy_how: str = "measured", lower_bound: float | None = None, provider: str = "CPUExecutionProvider",
+        heads: dict[str, float] | None = None) -> dict:
+    """One benchmark row in the shape stages/benchmark.py writes; heads {task: accuracy}: a multi-head artifact's
+    measured row, its accuracy the first head's."""
     where = {"kind": "estimate", "target": "T"} if status == "estimated" else {"kind": "host", "hostname": "ci"}
     r = {"artifact": artifact, "role": role, "stage": "export", "format": "onnx", "precision": "fp32",
          "backend": "onnxruntime", "provider": provider, "where": where, "size_bytes": size, "params": 1000,
@@ -41,7 +43,25 @@ def row(artifact: str, role: str, *, p95: float | None = 0.5, acc: float | None 
         r["reason"] = "provider missing"
     if energy is not None:
         r.update(energy_mj=energy, energy_how=energy_how, energy_source=energy_source or "measured: rapl, 100 inferences")
+    if heads and status == "measured":
+        r["heads"] = {t: {"accuracy": a, "accuracy_n": 500, "agreement": {"teacher": 0.97}} for t, a in heads.items()}
+        r["accuracy"] = next(iter(heads.values()))
     return r
+
+
+TASKS = [{"name": "digit", "classes": [str(i) for i in range(10)], "weight": 1.0, "labels": "class"},
+         {"name": "parity", "classes": ["even", "odd"], "weight": 0.5, "labels": "parity"}]
+
+
+def two_head_report(student: dict[str, float] | None = None, teacher: dict[str, float] | None = None,
+                    **budgets) -> dict:
+    """A schema-valid report of a two-head student (digit, parity) and its two-head teacher."""
+    rows = [row("t.onnx", "teacher", p95=1.0, heads=teacher or {"digit": 0.97, "parity": 0.995}),
+            row("s.onnx", "student", heads=student or {"digit": 0.95, "parity": 0.97}),
+            row("s.onnx", "student", status="estimated", lower_bound=0.01)]
+    report = crafted_report(rows=rows, **budgets)
+    report["tasks"] = copy.deepcopy(TASKS)
+    return report
 
 
 def crafted_report(profile: str = "edge-cpu", rows: list[dict] | None = None, recommended: str | None = "s.onnx",
@@ -335,3 +355,48 @@ def test_junit_to_an_unwritable_path_is_exit_3_in_one_sentence(tmp_path):
     assert res.exit_code == 3, res.output
     assert f"--junit {blocker / 'gate.xml'}: cannot write it" in res.stderr and "Traceback" not in res.output
     assert "exit 3 when it cannot be written" in cli.invoke(app, ["gate", "--help"], env={"COLUMNS": "300"}).stdout
+
+
+# ---------------------------------------------------------------- multi-task: budgets per head
+def test_one_head_missing_its_budget_fails_the_gate_and_both_meeting_passes(tmp_path):
+    """min_accuracy {digit: 0.9, parity: 0.99}: parity (0.97) misses, digit (0.95) meets: exit 1; both met: 0."""
+    run = write(tmp_path, two_head_report())  # recommends s.onnx, so a head's budget is the only thing failing
+    strict = profile_file(tmp_path, name="edge-cpu-heads", min_accuracy={"digit": 0.9, "parity": 0.99})
+    junit = tmp_path / "gate.xml"
+    res = cli.invoke(app, ["gate", str(run), "--profile", str(strict), "--json", "--junit", str(junit)])
+    assert res.exit_code == 1, res.output
+    cases = {c["budget"]: c for c in json.loads(res.stdout)["cases"]}
+    assert cases["min_accuracy[parity]"]["status"] == "failed" and cases["min_accuracy[digit]"]["status"] == "passed"
+    assert [b for b, c in cases.items() if c["status"] == "failed"] == ["min_accuracy[parity]"]
+    assert "min_accuracy" not in cases and cases["min_accuracy[parity]"]["value"] == 0.97
+    assert "parity 0.97 < 0.99: missed by 0.02" in cases["min_accuracy[parity]"]["message"]
+    names = [tc.get("name") for tc in ET.parse(junit).getroot().iter("testcase")]
+    assert names == ["p95_latency_ms", "min_accuracy[digit]", "min_accuracy[parity]", "max_accuracy_drop",
+                     "max_size_mb", "max_energy_mj", "recommended_artifact"]
+    assert ET.parse(junit).getroot().get("tests") == str(len(names))
+    met = profile_file(tmp_path, name="edge-cpu-heads-met", min_accuracy={"digit": 0.9, "parity": 0.96})
+    res = cli.invoke(app, ["gate", str(run), "--profile", str(met)])
+    assert res.exit_code == 0, res.output
+    assert "min_accuracy[parity]" in res.stdout and "parity 0.97 ≥ 0.96" in res.stdout
+
+
+def test_max_accuracy_drop_per_head_compares_with_the_teachers_head(tmp_path):
+    """parity drops 0.995 - 0.97 = 0.025 from the teacher's parity head: over 0.02, while digit's 0.02 is under 0.03."""
+    run = write(tmp_path, two_head_report())
+    prof = profile_file(tmp_path, name="edge-cpu-drop", max_accuracy_drop={"digit": 0.03, "parity": 0.02})
+    v = gate(run, str(prof))
+    assert v.code == 1, v.text()
+    cases = {c.budget: c for c in v.cases}
+    assert cases["max_accuracy_drop[parity]"].status == "failed"
+    assert abs(cases["max_accuracy_drop[parity]"].value - 0.025) < 1e-9
+    assert cases["max_accuracy_drop[digit]"].status == "passed"
+    assert "parity drop 0.0250 (teacher 0.9950 - 0.9700)" in cases["max_accuracy_drop[parity]"].message
+
+
+def test_a_budget_for_a_head_the_model_lacks_is_no_measurement(tmp_path):
+    run = write(tmp_path, two_head_report())
+    prof = profile_file(tmp_path, name="edge-cpu-ge5", min_accuracy={"digit": 0.9, "ge5": 0.9})
+    v = gate(run, str(prof))
+    assert v.code == 2, v.text()
+    case = next(c for c in v.cases if c.budget == "min_accuracy[ge5]")
+    assert case.status == "no_measurement" and "no head 'ge5'" in case.message and "digit, parity" in case.message
