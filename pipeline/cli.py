@@ -105,7 +105,7 @@ def _print_search(search_dir: Path, session_s: float) -> None:
         table.add_column(h, overflow="fold")
     for c in s["candidates"]:
         cells = search_cells(c)
-        table.add_row(*(cells[h] for h in SEARCH_HEADER))
+        table.add_row(*(escape(cells[h]) for h in SEARCH_HEADER))  # 'misses min_accuracy[parity]': not markup
     console.print(table)
     console.print(budgets.verdict_line(report), highlight=False, markup=False)
     if s.get("stopped"):
@@ -130,10 +130,10 @@ def _print_report(run_dir: Path) -> None:
     import json
 
     from pipeline.report import budgets
-    from pipeline.report.build import cells, table_rows
+    from pipeline.report.build import cells, header, table_rows, tasks_line
     report = json.loads((run_dir / "report.json").read_text())
-    keep = ["artifact", "prec", "backend/provider", "where", "KiB", "acc", "Δ teacher", "p50 ms", "p95 ms",
-            "mJ/inf", "status"]
+    keep = header(report, ["artifact", "prec", "backend/provider", "where", "KiB", "acc", "Δ teacher", "p50 ms",
+                           "p95 ms", "mJ/inf", "status"])  # 'acc': one column per head of a multi-task model
     table = Table(title=f"{report['recipe']['name']} on {report['profile']['name']}", show_lines=False)
     for h in keep:
         table.add_column(h, overflow="fold")
@@ -146,8 +146,10 @@ def _print_report(run_dir: Path) -> None:
             c["status"] += f" [{reasons.index(t.reason) + 1}]"
         c["backend/provider"] = ("ort/" if t.backend == "onnxruntime" else "") + t.provider
         c["where"] = t.where_kind  # the machines are named below
-        table.add_row(*(c[h] for h in keep))
+        table.add_row(*(c.get(h, "—") for h in keep))
     console.print(table)
+    if tasks_line(report):
+        console.print(tasks_line(report), highlight=False, markup=False)
     console.print("suffix h = measured on this host (not the target), e = estimated, — = skipped or n/a")
     for i, reason in enumerate(reasons, 1):
         console.print(f"[{i}] {reason}", highlight=False, markup=False)
@@ -158,7 +160,7 @@ def _print_report(run_dir: Path) -> None:
     heads = budgets.limits(report)
     bt = Table(title=f"budgets of {report['profile']['name']} (on the target; p95 + noise margin)")
     for h in ["artifact", *heads.values()]:
-        bt.add_column(h, overflow="fold")
+        bt.add_column(escape(h), overflow="fold")  # 'min_accuracy[parity]' is text, not rich markup
     for s in budgets.table(report):
         bt.add_row(s.artifact, *(budgets.short(s.checks[k]) for k in heads))
     console.print(bt)

@@ -56,6 +56,7 @@ def build(run_dir: Path) -> dict:
         "prune": results.get("prune", {}), "quantize": results.get("quantize", {}),
         "stages": [{"name": k, "status": v.get("status"), "duration_s": v.get("duration_s"),
                     "reused": v.get("reused", False)} for k, v in stages.items()],
+        "tasks": list(bench.get("tasks") or []),  # multi-task: one per output head, in head order; [] single-task
         "rows": rows, "notes": list(bench.get("notes", [])), "meter": bench.get("meter"),
         "allowance": recipe.get("max_accuracy_drop_per_stage", 0.01),
     }
@@ -154,7 +155,8 @@ class TableRow:
     size_bytes: int | None
     params: int | None
     macs: int | None
-    accuracy: float | None
+    accuracy: float | None       # the first head's (a multi-task model's rows also have heads)
+    heads: dict[str, float | None]  # multi-task: accuracy per head (task name), {} when the row has none
     delta_vs_teacher: float | None
     p50_ms: float | None         # an estimate's lower bound
     p95_ms: float | None
@@ -176,6 +178,7 @@ def table_rows(report: dict) -> list[TableRow]:
             provider=r["provider"].replace("ExecutionProvider", ""), where_kind=where["kind"],
             where_name=where.get("hostname") or where.get("target", ""), size_bytes=r.get("size_bytes"),
             params=r.get("params"), macs=r.get("macs"), accuracy=r.get("accuracy"),
+            heads={k: h.get("accuracy") for k, h in (r.get("heads") or {}).items()},
             delta_vs_teacher=r.get("delta_vs_teacher"),
             p50_ms=lat.get("lower_bound") if kind == "estimate" else lat.get("p50"),
             p95_ms=lat.get("p95") if measured else None,
@@ -203,11 +206,41 @@ def cells(t: TableRow) -> dict[str, str]:
             "acc": fmt(t.accuracy, 4), "Δ teacher": fmt(t.delta_vs_teacher, 4),
             "p50 ms": ("≥" if t.how == "estimate" and t.p50_ms is not None else "") + fig(t.p50_ms, 4, tag),
             "p95 ms": fig(t.p95_ms, 4, tag), "img/s b1": fig(t.img_s_b1, 0, tag),
-            "mJ/inf": fig(t.energy_mj, 4, etag), "status": t.status}
+            "mJ/inf": fig(t.energy_mj, 4, etag), "status": t.status,
+            **{f"acc {k}": fmt(v, 4) for k, v in t.heads.items()}}  # multi-task: see header()
 
 
 HEADER = ["artifact", "prec", "backend/provider", "where", "KiB", "params", "MACs", "acc", "Δ teacher",
           "p50 ms", "p95 ms", "img/s b1", "mJ/inf", "status"]
+
+
+def task_names(report: dict) -> list[str]:
+    """The heads of a multi-task report in output order; [] for one task (the tables then show one 'acc')."""
+    names = [t["name"] for t in report.get("tasks") or []]
+    return names if len(names) > 1 else []
+
+
+def accuracy_columns(report: dict) -> list[str]:
+    """['acc'], or one column per head: ['acc digit', 'acc parity'] (keys of cells())."""
+    return [f"acc {n}" for n in task_names(report)] or ["acc"]
+
+
+def header(report: dict, columns: list[str] = HEADER) -> list[str]:
+    """columns with 'acc' replaced by one accuracy column per head when the report has several tasks."""
+    return [c for h in columns for c in (accuracy_columns(report) if h == "acc" else [h])]
+
+
+def tasks_line(report: dict) -> str | None:
+    """'Tasks (one output head each, in order): digit (10 classes, loss weight 1, labels class), ...', or None."""
+    if not task_names(report):
+        return None
+
+    def one(t: dict) -> str:
+        n = f"{len(t['classes'])} classes, " if t.get("classes") else ""
+        return f"{t['name']} ({n}loss weight {t.get('weight', 1.0):g}, labels {t.get('labels', 'class')})"
+    return ("Tasks (one output head each, in output order): " + ", ".join(one(t) for t in report["tasks"])
+            + f"; Δ teacher, the plots and the budgets without a head name are the first head's "
+              f"({report['tasks'][0]['name']}).")
 
 
 def budget_md(report: dict) -> list[str]:
@@ -224,12 +257,15 @@ def budget_md(report: dict) -> list[str]:
 def render_md(report: dict) -> str:
     lines = [f"# Report {report['run_id']}", "",
              f"Recipe `{report['recipe']['name']}`, profile `{report['profile']['name']}` "
-             f"(target: {report['profile']['target']['name']}).", "",
-             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+             f"(target: {report['profile']['target']['name']}).", ""]
+    cols = header(report)
+    if tasks_line(report):
+        lines += [tasks_line(report), ""]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for t in table_rows(report):
         c = cells(t)
         c["status"] += f": {t.reason}" if t.reason else ""
-        lines.append("| " + " | ".join(c[h].replace("|", "/") for h in HEADER) + " |")
+        lines.append("| " + " | ".join(c.get(h, "—").replace("|", "/") for h in cols) + " |")
     lines += ["", "Suffixes: none = measured on the profile's target; `h` = measured on this host, not the target; "
                   "`e` = estimated (formula in report.json); `—` = skipped or not applicable.", ""]
     d = report.get("distill") or {}

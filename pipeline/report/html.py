@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.errors import first_line
 from pipeline.report import budgets
-from pipeline.report.build import distill_facts, fmt, how
+from pipeline.report.build import distill_facts, fmt, how, task_names, tasks_line
 
 HOW = {"target": "measured on target", "host": "measured on host", "estimate": "estimated with formula",
        "skipped": "skipped"}
@@ -34,6 +34,7 @@ def render(report: dict) -> str:
             f"<p class=sub>recipe <b>{esc(report['recipe'].get('name'))}</b> · profile <b>{esc(prof['name'])}</b>"
             f" · target {esc(prof['target'].get('kind'))}: {esc(prof['target'].get('name'))}"
             f" · created {esc(report.get('created'))}</p>",
+            f"<p class=sub>{esc(tasks_line(report))}</p>" if tasks_line(report) else "",
             _recommended(report), _search(report) if report.get("search") else "", _budgets(report), _table(report),
             "" if report.get("search") else _plots(report), _distill(report),
             _flags_notes(report), _stages(report), _environment(report)]
@@ -83,12 +84,19 @@ def _recommended(report: dict) -> str:
 def _budgets(report: dict) -> str:
     """Each candidate against each budget: the same verdicts as the gate (pipeline/report/budgets.py)."""
     b = report["profile"].get("budgets") or {}
-    heads = "".join(f"<th>{esc(label)}<br><small>{'not set' if b.get(k) is None else esc(f'{b[k]:g} {unit}'.strip())}"
-                    f"</small></th>" for k, (label, unit) in BUDGET_LABELS.items())
+    keys = budgets.keys(b)  # a budget given per head ({task: value}) is one column per head
+
+    def th(k: str) -> str:
+        (name, task), limit = budgets.split(k), budgets.limit_of(b, k)
+        label, unit = BUDGET_LABELS[name]
+        label += f", head {task}" if task is not None else ""
+        return (f"<th>{esc(label)}<br><small>{'not set' if limit is None else esc(f'{limit:g} {unit}'.strip())}"
+                f"</small></th>")
+    heads = "".join(th(k) for k in keys)
     trs = []
     for s in budgets.table(report):
         tds = "".join(f"<td class='b-{c.status}' title='{esc(c.source)}'>{esc(budgets.short(c))}"
-                      f"<br><small>{esc(c.message)}</small></td>" for c in (s.checks[k] for k in BUDGET_LABELS))
+                      f"<br><small>{esc(c.message)}</small></td>" for c in (s.checks[k] for k in keys))
         trs.append(f"<tr><td><code>{esc(s.artifact)}</code></td>{tds}</tr>")
     return (f"<h2>Budgets of profile <code>{esc(report['profile']['name'])}</code></h2><div class=scroll>"
             f"<table class=results><thead><tr><th>artifact</th>{heads}</tr></thead><tbody>{''.join(trs)}</tbody>"
@@ -105,13 +113,15 @@ def _table(report: dict) -> str:
     rows = report["rows"]
     rec = (report.get("recommended") or {}).get("artifact")
     reasons = list(dict.fromkeys(r.get("reason") or "" for r in rows if r["status"] == "skipped"))
+    tasks = task_names(report)  # several: one accuracy column per head instead of one
+    cols = [c for h in COLUMNS for c in ([f"accuracy {t}" for t in tasks] or [h] if h == "accuracy" else [h])]
     out = ["<h2>Per-stage results</h2><div class=scroll><table class=results><thead><tr>"
-           + "".join(f"<th>{esc(c)}</th>" for c in COLUMNS) + "</tr></thead><tbody>"]
+           + "".join(f"<th>{esc(c)}</th>" for c in cols) + "</tr></thead><tbody>"]
     for r in rows:
         kind = how(r)
         note = reasons.index(r.get("reason") or "") + 1 if kind == "skipped" else None
         tds = "".join(f"<td title='{esc(title)}'>{cell}</td>" if title else f"<td>{cell}</td>"
-                      for cell, title in _cells(r, kind, note))
+                      for cell, title in _cells(r, kind, note, tasks))
         out.append(f"<tr class='{kind}{' rec' if r['artifact'] == rec else ''}'>{tds}</tr>")
     out.append("</tbody></table></div>")
     if reasons:
@@ -127,8 +137,8 @@ def _table(report: dict) -> str:
     return "\n".join(out)
 
 
-def _cells(r: dict, kind: str, note: int | None) -> list[tuple[str, str | None]]:
-    """(escaped HTML, hover text) per column of one row."""
+def _cells(r: dict, kind: str, note: int | None, tasks: list[str] = ()) -> list[tuple[str, str | None]]:
+    """(escaped HTML, hover text) per column of one row; tasks: one accuracy cell per head instead of one."""
     lat, where = r.get("latency_ms") or {}, r["where"]
     place = where.get("hostname") or where.get("target") or where.get("ssh") or ""
     if kind == "estimate":
@@ -149,9 +159,23 @@ def _cells(r: dict, kind: str, note: int | None) -> list[tuple[str, str | None]]
             (esc(_bytes(r.get("size_bytes"))), None),
             ("—" if r.get("params") is None else f"{r['params']:,}", None),
             ("—" if r.get("macs") is None else f"{r['macs']:,}", None),
-            (esc(_num(r.get("accuracy"))), r.get("accuracy_source")), (esc(_num(r.get("delta_vs_teacher"))), None),
+            *(_heads(r, tasks) if tasks else [(esc(_num(r.get("accuracy"))), r.get("accuracy_source"))]),
+            (esc(_num(r.get("delta_vs_teacher"))), None),
             (esc(p50), lsrc), (esc(p95), lsrc), (esc(p99), lsrc), (thr, None), (energy, esrc),
             (obtained, r.get("reason"))]
+
+
+def _heads(r: dict, tasks: list[str]) -> list[tuple[str, str | None]]:
+    """One accuracy cell per head, hover: the source, the images and the agreement with the teacher's head."""
+    out = []
+    for t in tasks:
+        h = (r.get("heads") or {}).get(t) or {}
+        agree = (h.get("agreement") or {}).get("teacher")
+        hover = "; ".join(x for x in (r.get("accuracy_source") if h else None,
+                                      f"{h['accuracy_n']} images" if h.get("accuracy_n") else None,
+                                      f"agreement with the teacher {agree:.4f}" if agree is not None else None) if x)
+        out.append((esc(_num(h.get("accuracy"))), hover or None))
+    return out
 
 
 def _sources(rows: list[dict]) -> str:
@@ -208,6 +232,19 @@ def _search(report: dict) -> str:
             "</table></div>")
 
 
+def _budget_lines(report: dict, teacher: float | None) -> list[tuple[str, float | None, str, str]]:
+    """The plots' dashed budget lines (axis, value, colour, label). The plots' accuracy is the first head's, so a
+    per-head budget draws the first head's line only (none when it does not name the first head)."""
+    b = report["profile"].get("budgets") or {}
+    acc, acc_head = budgets.first_head_limit(report, "min_accuracy")
+    drop, drop_head = budgets.first_head_limit(report, "max_accuracy_drop")
+    lines = [("v", b.get("p95_latency_ms"), "#d62728", f"p95 budget {b.get('p95_latency_ms')} ms"),
+             ("h", acc, "#9467bd", f"min accuracy{acc_head} {acc}")]
+    if drop is not None and teacher is not None:
+        lines.append(("h", teacher - drop, "#8c564b", f"teacher − max drop{drop_head} {drop} = {teacher - drop:.4f}"))
+    return lines
+
+
 def search_svg(report: dict) -> str | None:
     """Every search candidate: latency (x) against accuracy (y), provenance by marker, cost by colour."""
     from matplotlib import colormaps
@@ -238,14 +275,9 @@ def search_svg(report: dict) -> str | None:
                    linewidths=2, zorder=4)
     if len(front) > 1:
         ax.step([p["x"] for p in front], [p["y"] for p in front], where="post", color="#2ca02c", lw=1, zorder=2)
-    b = report["profile"].get("budgets") or {}
     teacher = next((r.get("accuracy") for r in report["rows"] if r.get("role") == "teacher"
                     and r.get("accuracy") is not None and r.get("on_target")), None)
-    lines = [("v", b.get("p95_latency_ms"), "#d62728", f"p95 budget {b.get('p95_latency_ms')} ms"),
-             ("h", b.get("min_accuracy"), "#9467bd", f"min accuracy {b.get('min_accuracy')}")]
-    if b.get("max_accuracy_drop") is not None and teacher is not None:
-        lines.append(("h", teacher - b["max_accuracy_drop"], "#8c564b",
-                      f"teacher − max drop {b['max_accuracy_drop']} = {teacher - b['max_accuracy_drop']:.4f}"))
+    lines = _budget_lines(report, teacher)
     handles = [Line2D([], [], ls="", marker="o", color="#444", label="measured on target"),
                Line2D([], [], ls="", marker="D", color="#444", markerfacecolor="none",
                       label="estimated lower bound"),
@@ -258,7 +290,7 @@ def search_svg(report: dict) -> str | None:
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="cost, minutes", pad=0.01)
     ax.legend(handles=handles, fontsize=8, loc="lower right", framealpha=0.9)
     ax.set_xlabel("p95 latency at batch 1, ms")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test accuracy" + "".join(f", {t} head" for t in task_names(report)[:1]))
     ax.grid(alpha=0.3)
     ax.margins(x=0.15, y=0.1)
     _label(fig, ax, pts)
@@ -385,11 +417,7 @@ def pareto_svg(report: dict) -> str | None:
     b, handles = report["profile"].get("budgets") or {}, []
     teacher = (report.get("distill") or {}).get("acc_teacher") or _accuracies(report).get(
         next((r["artifact"] for r in report["rows"] if r.get("role") == "teacher"), ""))
-    lines = [("v", b.get("p95_latency_ms"), "#d62728", f"p95 budget {b.get('p95_latency_ms')} ms"),
-             ("h", b.get("min_accuracy"), "#9467bd", f"min accuracy {b.get('min_accuracy')}")]
-    if b.get("max_accuracy_drop") is not None and teacher is not None:
-        lines.append(("h", teacher - b["max_accuracy_drop"], "#8c564b",
-                      f"teacher − max drop {b['max_accuracy_drop']} = {teacher - b['max_accuracy_drop']:.4f}"))
+    lines = _budget_lines(report, teacher)
     for axis, v, color, label in lines:
         if v is not None:
             (ax.axvline if axis == "v" else ax.axhline)(v, color=color, ls="--", lw=1.2)
@@ -402,7 +430,7 @@ def pareto_svg(report: dict) -> str | None:
                for k, st in STYLE.items() if any(p["kind"] == k for p in pts)] + handles
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), framealpha=0.9)
     ax.set_xlabel("p95 latency at batch 1, ms" + (" (log scale)" if ax.get_xscale() == "log" else ""))
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test accuracy" + "".join(f", {t} head" for t in task_names(report)[:1]))
     ax.grid(alpha=0.3, which="both")
     ax.margins(x=0.15, y=0.1)
     _label(fig, ax, pts)

@@ -50,3 +50,15 @@ def test_missing_chromium_says_how_to_install(tmp_path, monkeypatch, capsys):
 def test_missing_html_is_a_clear_error(tmp_path, capsys):
     assert render.main([str(tmp_path / "none.html"), str(tmp_path / "o.png")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@needs_chromium
+def test_a_two_head_report_renders_to_a_png_that_is_not_blank(tmp_path):
+    """Per-head columns and budgets, and the plots with a per-head budget, in a real browser."""
+    from pipeline.report import html
+    from tests.report.test_gate import two_head_report
+    page = tmp_path / "report.html"
+    page.write_text(html.render(two_head_report(min_accuracy={"digit": 0.9, "parity": 0.99},
+                                                max_accuracy_drop={"digit": 0.03})))
+    std, share = ink(render.render(page, tmp_path / "report.png", 1400, 2000))
+    assert std > MIN_STD and share > MIN_INK, f"the page looks blank: std {std:.1f}, ink {share:.3f}"

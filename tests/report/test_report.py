@@ -16,7 +16,7 @@ from pipeline.report.build import flags as report_flags
 from pipeline.report.build import recommend as report_recommend
 from pipeline.report.build import render_md
 from pipeline.report.rerender import rerender
-from tests.report.test_gate import crafted_report, row
+from tests.report.test_gate import TASKS, crafted_report, row, two_head_report
 
 cli = CliRunner()
 
@@ -216,3 +216,69 @@ def test_tables_render_from_values_both_in_markdown_and_the_terminal(tmp_path, c
     out = capsys.readouterr().out
     assert "skipped [1]" in out and f"[1] {why}" in out
     assert " trtexec " in out and "ort/CPU" in out
+
+
+# ---------------------------------------------------------------- multi-task: tasks, heads, one column per head
+def test_a_two_head_report_follows_the_schema_and_broken_heads_do_not():
+    report = two_head_report(min_accuracy={"digit": 0.9, "parity": 0.99}, max_accuracy_drop=0.03)
+    assert reportschema.errors(report) == []
+    breaks = {
+        "heads on an estimate": lambda r: r["rows"][2].update(heads={"digit": {"accuracy": 0.9}}),
+        "a head without accuracy": lambda r: r["rows"][1]["heads"]["parity"].pop("accuracy"),
+        "a head accuracy over 1": lambda r: r["rows"][1]["heads"]["parity"].update(accuracy=97.0),
+        "a budget over 1 for a head": lambda r: r["profile"]["budgets"].update(min_accuracy={"parity": 1.5}),
+        "a task without a name": lambda r: r["tasks"][1].pop("name"),
+        "tasks not a list": lambda r: r.update(tasks={"digit": {}}),
+    }
+    for name, breaking in breaks.items():
+        broken = copy.deepcopy(report)
+        breaking(broken)
+        assert reportschema.errors(broken), f"{name}: the schema accepted it"
+
+
+def test_build_copies_the_benchmarks_tasks_and_rows_heads(tmp_path):
+    from pipeline.report.build import build
+    rows = two_head_report()["rows"]
+    (tmp_path / "benchmark.json").write_text(json.dumps({"tasks": TASKS, "rows": copy.deepcopy(rows)}))
+    report = build(tmp_path)
+    assert report["tasks"] == TASKS
+    assert [r.get("heads") for r in report["rows"]] == [r.get("heads") for r in rows]
+    (tmp_path / "benchmark.json").write_text(json.dumps({"rows": copy.deepcopy(rows)}))  # before multi-task
+    assert build(tmp_path)["tasks"] == []
+
+
+def test_per_head_accuracy_columns_in_markdown_terminal_and_html(tmp_path, capsys, monkeypatch):
+    from rich.console import Console
+
+    from pipeline.cli import _print_report
+    monkeypatch.setattr("pipeline.cli.console", Console(width=250))  # a table on one line per row
+    report = two_head_report(min_accuracy={"digit": 0.9, "parity": 0.99})
+    report["recommended"] = None
+    md = render_md(report)
+    head = next(line for line in md.splitlines() if line.startswith("| artifact"))
+    assert "| acc digit | acc parity | Δ teacher |" in head and "| acc |" not in head
+    student = next(line for line in md.splitlines() if line.startswith("| s.onnx") and "measured" in line)
+    assert "| 0.9500 | 0.9700 |" in student
+    assert "| min_accuracy[digit] ≥ 0.9 | min_accuracy[parity] ≥ 0.99 |" in md
+    assert "| met 0.95 | MISSED 0.97 (by 0.02) |" in md
+    assert "parity (2 classes, loss weight 0.5, labels parity)" in md
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps(report))
+    _print_report(run)
+    out = capsys.readouterr().out
+    assert "acc digit" in out and "acc parity" in out and "0.9700" in out
+    assert "min_accuracy[parity] ≥ 0.99" in out and "MISSED 0.97 (by 0.02)" in out  # brackets are not markup
+    page = html.render(report)
+    assert "<th>accuracy digit</th><th>accuracy parity</th>" in page and "<th>accuracy</th>" not in page
+    assert "minimum accuracy, head parity<br><small>0.99</small>" in page and "MISSED 0.97 (by 0.02)" in page
+    assert "agreement with the teacher 0.9700" in page and page.count("<svg") == 2  # the plots still draw
+    lines = {label: v for _, v, _, label in html._budget_lines(report, teacher=0.97)}
+    assert lines == {"p95 budget 2.0 ms": 2.0, "min accuracy (digit head) 0.9": 0.9,
+                     "teacher − max drop 0.03 = 0.9400": 0.97 - 0.03}
+
+
+def test_a_single_task_report_keeps_one_accuracy_column():
+    md, page = render_md(crafted_report()), html.render(crafted_report())
+    assert "| MACs | acc | Δ teacher |" in md and "acc digit" not in md and "Tasks (" not in md
+    assert "<th>accuracy</th>" in page and ", head " not in page and "Tasks (" not in page
