@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import (DataConfig, Profile, RecipeBase, check_model, check_paths, load_profile, model_specs,
-                             num_classes, parse_recipe)
+                             model_outputs, num_classes, parse_recipe)
 from pipeline.errors import ConfigError, first_line
 
 BATCH = 16  # images read and run through the teacher: enough to show the shapes, few enough to take no time
@@ -63,7 +63,7 @@ def run_checks(recipe_path: Path, profile_name: str, echo: Callable[[str], None]
     data = check("data", lambda: _data(recipe_path, rec), needs=paths is not None)
     models_ok = []
     for field, spec in (model_specs(rec).items() if paths is not None else []):
-        models_ok.append(check(field, lambda f=field, s=spec: _model(recipe_path, f, s, rec.data, data),
+        models_ok.append(check(field, lambda f=field, s=spec: _model(recipe_path, f, s, rec, data),
                                needs=data is not None))
     if paths is None:
         check("models", lambda: ("", None), needs=False)
@@ -108,11 +108,12 @@ def _data(path: Path, rec: RecipeBase) -> tuple[str, tuple[np.ndarray, int]]:
             (x, classes))
 
 
-def _model(path: Path, field: str, spec, data_cfg: DataConfig, data: tuple[np.ndarray, int]) -> tuple[str, bool]:
-    check_model(path, field, spec, data_cfg, data[1])
+def _model(path: Path, field: str, spec, rec: RecipeBase, data: tuple[np.ndarray, int]) -> tuple[str, bool]:
+    outputs = model_outputs(rec, spec, data[1], path)
+    check_model(path, field, spec, rec.data, outputs)
     what = f"ONNX {spec.onnx.name}" if spec.onnx else f"arch {spec.arch}" + (
         f" with checkpoint {spec.checkpoint.name}" if spec.checkpoint else "")
-    return f"{what}: builds, gives {data[1]} class scores", True
+    return f"{what}: builds, gives {outputs} class scores", True
 
 
 def _teacher_batch(rec: RecipeBase, data: tuple[np.ndarray, int]) -> tuple[str, bool]:
@@ -122,6 +123,7 @@ def _teacher_batch(rec: RecipeBase, data: tuple[np.ndarray, int]) -> tuple[str, 
     from pipeline.train import models
     x, classes = data
     spec = rec.models.teacher
+    classes = model_outputs(rec, spec, classes)
     with torch.random.fork_rng(devices=[]):  # a check must not move a seeded draw
         if spec.onnx is not None:
             teacher = models.OnnxModule(spec.onnx)

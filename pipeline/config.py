@@ -152,8 +152,27 @@ class DataConfig(Strict):
                                               "stopping with the file named")
 
 
+class Task(Strict):
+    """One thing a multi-task model predicts: one output head of the student (and of the teacher that teaches it)."""
+    name: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,31}$",
+                               description="the head's name: its ONNX output, report column and budget key")]
+    labels: str = Field("class", description="'class': the ImageFolder class folder (digits: the digit), required "
+                                             "for the first task; digits also has 'parity' (even, odd) and 'ge5' "
+                                             "(digit < 5, >= 5); else a CSV file of relative_path,label rows "
+                                             "(paths relative to data.root; the file relative to the recipe)")
+    weight: float = Field(1.0, gt=0, description="the loss is the sum over tasks of weight x the task's loss")
+
+
+DIGITS_TASKS = ("class", "parity", "ge5")
+
+
 class ModelSpec(Strict):
     arch: str = Field(description="'cnn', 'mlp', 'resnet', a torchvision name (resnet18, ...), or 'pkg.module:factory'")
+    heads: list[str] | None = Field(None, description="with tasks: the tasks this model predicts, one output head "
+                                                      "each over one shared backbone (its last layer gives every "
+                                                      "head's logits, split by task); default: every task. The "
+                                                      "student predicts every task; an extra teacher that names "
+                                                      "heads teaches those tasks")
     kwargs: dict[str, Any] = {}
     checkpoint: Path | None = Field(None, description="state_dict (.pt); loaded with weights_only=True")
     onnx: Path | None = Field(None, description="teacher only: an ONNX file run through onnxruntime")
@@ -205,6 +224,8 @@ class RecipeBase(Strict):
     seed: int = 0
     data: DataConfig = DataConfig()
     models: Models
+    tasks: list[Task] = Field([], description="multi-task: what each output head predicts (README: Multi-task); "
+                                              "empty: one task, the class")
     max_accuracy_drop_per_stage: float = Field(0.01, ge=0, le=1, description="a stage losing more is flagged")
     search: SearchConfig = Field(default_factory=SearchConfig, description="pipeline search only")
 
@@ -278,7 +299,7 @@ def load_recipe(path: Path, profile: Profile | None = None) -> RecipeBase:
     check_paths(path, recipe)
     classes = num_classes(recipe.data, path)
     for field, spec in model_specs(recipe).items():
-        check_model(path, field, spec, recipe.data, classes)
+        check_model(path, field, spec, recipe.data, model_outputs(recipe, spec, classes, path))
     return recipe
 
 
@@ -307,11 +328,80 @@ def parse_recipe(path: Path, profile: Profile | None = None) -> RecipeBase:
         parts = ([str(_explain(profile.where, theirs, "overrides."))] if theirs else []) + \
             ([str(_explain(path, ours))] if ours else [])
         raise ConfigError("\n".join(parts)) from None
-    if recipe.models.extra_teachers and recipe.distill.method != "ensemble":  # else trained for nothing
+    if recipe.tasks:
+        check_tasks(path, recipe)
+    elif recipe.models.extra_teachers and recipe.distill.method != "ensemble":  # else trained for nothing
         raise ConfigError(f"{path}: models.extra_teachers: only distill.method 'ensemble' uses extra teachers, "
                           f"and the method is '{recipe.distill.method}'. Set distill.method: ensemble, or remove "
                           f"models.extra_teachers.")
     return recipe
+
+
+def check_tasks(path: Path, recipe: RecipeBase) -> None:
+    """What multi-task needs of the rest of the recipe; everything a run would otherwise trip over mid-way."""
+    names = [t.name for t in recipe.tasks]
+    where = f"{path}: tasks"
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: task names must differ, got {names}. Rename the repeated one.")
+    if recipe.tasks[0].labels != "class":
+        raise ConfigError(f"{where}.0.labels: the first task is the class ('class'), got "
+                          f"'{recipe.tasks[0].labels}'. Put the class task first: it is the model's primary head.")
+    for i, t in enumerate(recipe.tasks[1:], 1):
+        if recipe.data.kind == "digits" and t.labels not in DIGITS_TASKS:
+            raise ConfigError(f"{where}.{i}.labels: digits has the built-in tasks {', '.join(DIGITS_TASKS)}; "
+                              f"got '{t.labels}'.")
+        if recipe.data.kind == "imagefolder" and not t.labels.endswith(".csv"):
+            raise ConfigError(f"{where}.{i}.labels: an ImageFolder's other tasks come from a CSV file "
+                              f"(relative_path,label); got '{t.labels}'. Name a .csv file.")
+    m = recipe.models
+    for field, spec in model_specs(recipe).items():
+        unknown = [h for h in spec.heads or [] if h not in names]
+        if unknown:
+            raise ConfigError(f"{path}: {field}.heads: {unknown[0]!r} is not a task (tasks: {', '.join(names)}).")
+    if m.student.heads is not None and m.student.heads != names:
+        raise ConfigError(f"{path}: models.student.heads: the student predicts every task, in the order of tasks: "
+                          f"{names}. Remove models.student.heads, or list them in that order.")
+    if m.teacher.heads is not None and names[0] not in m.teacher.heads:
+        raise ConfigError(f"{path}: models.teacher.heads: the teacher is the reference of the first task "
+                          f"('{names[0]}'): include it.")
+    if m.teacher.onnx is not None:
+        raise ConfigError(f"{path}: models.teacher.onnx: an ONNX teacher with tasks is not supported (its heads "
+                          f"cannot be told apart). Give it as arch + checkpoint.")
+    for i, spec in enumerate(m.extra_teachers):
+        if not spec.heads:
+            raise ConfigError(f"{path}: models.extra_teachers.{i}.heads: with tasks, an extra teacher is the "
+                              f"teacher of the tasks it names (ensembles are single-task). Name its tasks.")
+    covered = set(heads_of(m.teacher, names)) | {h for s in m.extra_teachers for h in s.heads or []}
+    missing = [n for n in names if n not in covered]
+    if missing:
+        raise ConfigError(f"{path}: tasks: no teacher predicts '{missing[0]}'. Add it to models.teacher.heads, or "
+                          f"give it a teacher under models.extra_teachers with heads: [{missing[0]}].")
+    unsupported = {"feature", "adversarial", "ensemble"}
+    if recipe.distill.method in unsupported:
+        raise ConfigError(f"{path}: distill.method: '{recipe.distill.method}' is single-task; with tasks use "
+                          f"hinton, dynamic, self, dkd or dist.")
+    if recipe.distill.mixup:
+        raise ConfigError(f"{path}: distill.mixup: mixup mixes one label per image; with tasks set it to 0.")
+    if recipe.quantize.qat is not None:
+        raise ConfigError(f"{path}: quantize.qat: fine-tunes one head; with tasks remove it (post-training "
+                          f"calibration and exclusion judge the first task's head).")
+
+
+def model_outputs(recipe: RecipeBase, spec: ModelSpec, classes: int, path: Path | None = None) -> int:
+    """The scores a model gives: the class count, or with tasks the sum of its heads' class counts."""
+    if not recipe.tasks:
+        return classes
+    from pipeline.train.tasks import task_classes
+    try:
+        counts = {t.name: len(task_classes(t.labels, [""] * classes)) for t in recipe.tasks}
+    except ConfigError as e:  # a CSV that cannot be read
+        raise ConfigError(f"{path}: tasks: {e}" if path else str(e)) from None
+    return sum(counts[h] for h in heads_of(spec, list(counts)))
+
+
+def heads_of(spec: ModelSpec, tasks: list[str]) -> list[str]:
+    """The tasks a model predicts, in the recipe's task order (its outputs' order)."""
+    return [t for t in tasks if spec.heads is None or t in spec.heads]
 
 
 def model_specs(recipe: RecipeBase) -> dict[str, ModelSpec]:
@@ -342,6 +432,13 @@ def check_paths(path: Path, recipe: RecipeBase) -> None:
                 except ConfigError as e:
                     raise ConfigError(f"{path}: {field}.onnx: {e}") from None
             setattr(spec, attr, full)
+    for i, t in enumerate(recipe.tasks):
+        if t.labels.endswith(".csv"):
+            full = Path(t.labels) if Path(t.labels).is_absolute() else base / t.labels
+            if not _is_file(full):
+                raise ConfigError(f"{path}: tasks.{i}.labels: '{t.labels}' is not a file (resolved to {full}). Fix "
+                                  f"the path (relative to the recipe) of the relative_path,label CSV.")
+            t.labels = str(full)
     if recipe.data.root is not None:
         root = recipe.data.root if recipe.data.root.is_absolute() else base / recipe.data.root
         if not _is_dir(root):

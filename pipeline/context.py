@@ -43,7 +43,7 @@ class Context:
         """Preprocessed splits, loaded once per process and shared by every stage."""
         if self._splits is None:
             from pipeline.train.data import load_splits
-            self._splits = load_splits(self.recipe.data, self.recipe.seed, self.run_dir)
+            self._splits = load_splits(self.recipe.data, self.recipe.seed, self.run_dir, self.recipe.tasks)
         return self._splits
 
     def checkpoints(self) -> Path:

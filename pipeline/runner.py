@@ -69,6 +69,8 @@ def _key(name: str, cfg: Any, recipe: RecipeBase, profile: Profile, inputs: Arti
     if name in DISTRIBUTED_STAGES and nproc > 1:  # DDP results differ slightly from one process's
         payload["nproc"] = nproc
     payload["recipe"]["data"].pop("workers", None)  # how many processes decode changes no result
+    if recipe.tasks:  # only then: a single-task run keeps the keys it had before tasks existed
+        payload["recipe"]["tasks"] = [t.model_dump(mode="json") for t in recipe.tasks]
     if getattr(stages.load(name), "USES_PROFILE", False):
         payload["profile"] = profile.model_dump(mode="json", exclude={"description", "device"})
         # where rows are measured: a device named after a run must not reuse the host-only benchmark

@@ -30,7 +30,8 @@ from pathlib import Path
 from rich.console import Console
 
 from pipeline.artifacts import atomic_write_text, is_candidate
-from pipeline.config import ModelSpec, Profile, RecipeBase, check_model, num_classes, recipe_model
+from pipeline.config import (ModelSpec, Profile, RecipeBase, check_model, model_outputs, num_classes,
+                             recipe_model)
 from pipeline.errors import ConfigError, StageError, first_line
 from pipeline.report import budgets
 from pipeline.report.build import SCHEMA_VERSION, flags, fmt, pareto, render_md
@@ -353,8 +354,9 @@ class Search:
         """Every student of the space built once on the meta device: a bad width fails now, not at trial 9."""
         classes = num_classes(self.recipe.data, path)
         for t in trials:
-            check_model(path, f"search ({t['id']}: {label(t)}) student", ModelSpec.model_validate(t["student"]),
-                        self.recipe.data, classes)
+            spec = ModelSpec.model_validate(t["student"])
+            check_model(path, f"search ({t['id']}: {label(t)}) student", spec, self.recipe.data,
+                        model_outputs(self.recipe, spec, classes, path))
 
 
 # ---------------------------------------------------------------- merging trial reports

@@ -17,8 +17,8 @@ from pipeline.config import Target
 from pipeline.context import Context
 from pipeline.device import energy as energy_mod
 from pipeline.device import envinfo, trtbench
-from pipeline.device.measure import BenchSettings, ModelEntry, measure, meter_kinds
-from pipeline.device.ortbench import CPU, logits, open_session
+from pipeline.device.measure import BenchSettings, ModelEntry, measure, meter_kinds, task_columns
+from pipeline.device.ortbench import CPU, head_outputs, logits, open_session
 from pipeline.report import estimate
 from pipeline.train.data import Split
 
@@ -56,7 +56,8 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     data, profile = ctx.data(), ctx.profile
     models = entries(inputs, ctx)
     teacher = next((m for m in models if m.meta.get("role") == "teacher"), None)
-    refs = {"teacher": _predictions(open_session(teacher.path, CPU, threads=0), data.test)} if teacher else {}
+    tasks = [h.name for h in data.heads] or None  # with tasks: predictions and labels are (N, tasks)
+    refs = {"teacher": _predictions(open_session(teacher.path, CPU, threads=0), data.test, tasks=tasks)} if teacher else {}
     x_time, _ = data.test.arrays(limit=TIMING_IMAGES)  # inputs for timing and throughput, not for accuracy
     # 2) host rows: the profile's providers, plus this CPU as a labelled reference
     providers = list(profile.target.providers)
@@ -67,7 +68,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     timing = settings(cfg, profile.target)
     rows = measure(models, providers, timing, x_time, data.test.labels, refs, where, meter=meter,
                    no_meter_energy=_host_energy(ctx), cache_dir=ctx.path("trt-cache"), log=ctx.log,
-                   evaluate=lambda sess: _predictions(sess, data.test))
+                   evaluate=lambda sess: _predictions(sess, data.test, tasks=tasks), tasks=tasks)
     _add_source_agreement(rows, models, data.test)
     # 3) native TensorRT (trtexec) where the profile wants it
     if profile.target.tensorrt:
@@ -92,6 +93,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
         notes.append("no energy meter on this host: " + "; ".join(meter_reasons))
     # 6) write
     out = {"where_host": where, "meter": getattr(meter, "name", None), "notes": notes, "rows": rows,
+           "tasks": [h.describe() for h in data.heads],
            "settings": cfg.model_dump(), "timing": asdict(timing), "profile": profile.name}
     atomic_write_text(ctx.path("benchmark.json"), json.dumps(out, indent=2, default=float))
     ctx.results["benchmark"] = {"rows": len(rows), "notes": notes}
@@ -142,8 +144,14 @@ def _add_source_agreement(rows: list[dict], models: list[ModelEntry], split: Spl
         r["output_diff_vs_source"] = {"source": src, "max_abs": max_abs, "mean_abs": sum_abs / max(elements, 1)}
 
 
-def _predictions(sess, split: Split, batch: int = 256) -> np.ndarray:
-    """Argmax predictions of one benchmark session over the whole split, streamed."""
+def _predictions(sess, split: Split, batch: int = 256, tasks: list[str] | None = None) -> np.ndarray:
+    """Argmax predictions of one benchmark session over the whole split, streamed; with tasks (N, tasks), every
+    output (head) in its task's column (measure.task_columns)."""
+    if tasks:
+        names = [o.name for o in sess.get_outputs()]
+        preds = [task_columns(np.stack([o.argmax(1) for o in head_outputs(sess, x.numpy(), batch)], 1), names, tasks)
+                 for x, _, _ in split.batches(batch)]
+        return np.concatenate(preds) if preds else np.zeros((0, len(tasks)), np.int64)
     preds = [logits(sess, x.numpy(), batch).argmax(1) for x, _, _ in split.batches(batch)]
     return np.concatenate(preds) if preds else np.zeros(0, np.int64)
 

@@ -18,10 +18,12 @@ from torch import nn
 from pipeline.artifacts import Artifacts
 from pipeline.context import Context
 from pipeline.errors import StageError
-from pipeline.train import kd, models
+from pipeline.train import kd, models, tasks
 from pipeline.train.data import Split
-from pipeline.train.loop import LossFn, TrainConfig, accuracy, device_of, fit, seed_everything, train_device
-from stages._common import build_info, freeze, load_teachers, model_artifact, teacher_logits, train_augment
+from pipeline.train.loop import (LossFn, TrainConfig, accuracy, device_of, fit, head_accuracy, seed_everything,
+                                 train_device)
+from stages._common import (build_info, freeze, load_teachers, model_artifact, teacher_heads, teacher_logits,
+                            train_augment)
 
 Method = Literal["hinton", "feature", "dynamic", "adversarial", "self", "ensemble", "dkd", "dist"]
 TeacherFn = Callable[[torch.Tensor], torch.Tensor]
@@ -70,6 +72,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     # 1) data, teachers, two students with the same initialisation
     data, spec, seed = ctx.data(), ctx.recipe.models.student, ctx.recipe.seed
     teachers = load_teachers(inputs, ctx, ensemble=cfg.method == "ensemble")
+    heads = teacher_heads(ctx)  # with tasks: each teacher's (the extra teachers are the teachers of tasks)
     seed_everything(seed)
     student = models.build(spec, *build_info(data))
     scratch = copy.deepcopy(student)
@@ -78,14 +81,14 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
                  console=ctx.console if ctx.rank == 0 else None)
     # 2) KD student (self: several generations, each taught by the one before)
     extra: dict = {}
-    teacher_fn = base_fn = ensemble_fn(teachers, cfg.temperature)
+    teacher_fn = base_fn = ensemble_fn(teachers, cfg.temperature, heads, data.heads)
     for gen in range(1, (cfg.generations if cfg.method == "self" else 1) + 1):
         if gen > 1:
             teacher_fn, student = frozen_teacher(student), _fresh(spec, data, seed + gen)
         # without augmentation the teacher's outputs on the training split never change: compute them once
         cache = None if aug is not None or cfg.mixup or cfg.method == "feature" else teacher_logits(teacher_fn,
                                                                                                     data.train)
-        net, loss = make_loss(cfg, student, teacher_fn, teachers[0], data.input_shape, cache)
+        net, loss = make_loss(cfg, student, teacher_fn, teachers[0], data.input_shape, cache, data.heads)
         desc = f"student ({cfg.method} KD{f', gen {gen}' if gen > 1 else ''})"
         h_kd = fit(net, mixed(loss, cfg.mixup, data.num_classes), desc=desc, resume=ctx.resume(desc), **train)
         if isinstance(net, Hinted):
@@ -94,11 +97,16 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
             extra.setdefault("generations", []).append(
                 {"generation": gen, "val_acc": h_kd["val_acc"], "test_acc": accuracy(student, data.test)})
     # 3) scratch baseline: same epochs (per generation), seed, initialisation, data, schedule
-    h_sc = fit(scratch, mixed(lambda m, x, y, _: F.cross_entropy(m(x), y), cfg.mixup, data.num_classes),
+    ce = tasks.ce(data.heads)  # with tasks: the same heads, the weighted sum of their cross-entropies
+    h_sc = fit(scratch, mixed(lambda net, x, y, _: ce(net(x), y), cfg.mixup, data.num_classes),
                desc="student (scratch)", resume=ctx.resume("student (scratch)"), **train)
     # 4) measure, save
     acc_t = _acc_fn(base_fn, data.test)
     acc_kd, acc_sc = accuracy(student, data.test), accuracy(scratch, data.test)
+    if data.heads:  # every head's test accuracy: the teachers' (each task's own), the two students'
+        extra["heads"] = {h: {"acc_teacher": t, "acc_kd": k, "acc_scratch": c} for (h, t), k, c in zip(
+            acc_t.items(), head_accuracy(student, data.test).values(), head_accuracy(scratch, data.test).values())}
+    acc_t = next(iter(acc_t.values()))
     if cfg.method == "adversarial":
         extra.update(_robustness(student, scratch, data, cfg))
     gap = acc_t - acc_sc
@@ -117,8 +125,10 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
                                                  test_acc=acc_sc, predecessor="teacher.pt")}
 
 
-def ensemble_fn(teachers: list[nn.Module], T: float) -> TeacherFn:
-    """Teacher logits for a batch: one teacher's, or logits whose softmax(./T) is the teachers' mean."""
+def ensemble_fn(teachers: list[nn.Module], T: float, heads: list[list[tasks.Head]] | None = None,
+                all_heads: list[tasks.Head] | None = None) -> TeacherFn:
+    """Teacher logits for a batch: one teacher's, or logits whose softmax(./T) is the teachers' mean; with tasks
+    (`heads`: each teacher's), every task's logits from the teacher of that task, in task order."""
     dev = train_device()
     for t in teachers:
         if not isinstance(t, models.OnnxModule):
@@ -127,18 +137,23 @@ def ensemble_fn(teachers: list[nn.Module], T: float) -> TeacherFn:
     def fn(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():  # no autograd records at all for the frozen teacher (autocast applies)
             outs = [t(x).to(x.device) for t in teachers]
-            out = outs[0] if len(outs) == 1 else kd.ensemble_logits(outs, T)
+            if heads:
+                out = tasks.assemble(list(zip(outs, heads)), all_heads)
+            else:
+                out = outs[0] if len(outs) == 1 else kd.ensemble_logits(outs, T)
         return out.clone()  # a normal tensor: autograd may save it, which it may not do with inference tensors
     return fn
 
 
 def make_loss(cfg: Config, student: nn.Module, teacher_fn: TeacherFn, teacher: nn.Module | None = None,
-              input_shape: tuple[int, ...] = (), cache: torch.Tensor | None = None) -> tuple[nn.Module, LossFn]:
+              input_shape: tuple[int, ...] = (), cache: torch.Tensor | None = None,
+              heads: list[tasks.Head] | None = None) -> tuple[nn.Module, LossFn]:
     """The module fit() trains (the student, or student + hint adapter) and the per-batch KD loss of cfg.method.
 
     `teacher` and `input_shape` are needed by `feature` only (hooks on the teacher, a probe to size the adapter).
     `cache`: the teacher's logits for every training sample, looked up by the batch indices fit() passes (only
-    valid when batches are not augmented).
+    valid when batches are not augmented). `heads` (recipe tasks): the loss is the weighted sum over heads of the
+    method's loss on each head's logits and labels (config.check_tasks admits only methods that split so).
     """
     T, alpha = cfg.temperature, cfg.alpha
     if cfg.method == "feature":
@@ -147,11 +162,7 @@ def make_loss(cfg: Config, student: nn.Module, teacher_fn: TeacherFn, teacher: n
     def t_of(x: torch.Tensor, idx) -> torch.Tensor:
         return teacher_fn(x) if cache is None or idx is None else cache[idx].to(x.device)
 
-    if cfg.method == "dynamic":
-        def loss(m, x, y, idx):
-            t = t_of(x, idx)
-            return kd.hinton(m(x), t, y, T, kd.dynamic_alpha(t, T, alpha)).mean()
-    elif cfg.method == "adversarial":
+    if cfg.method == "adversarial":
         def loss(m, x, y, idx):
             # the attack pushes the student away from the teacher; the student then matches the teacher there:
             # on its clean output (ARD, Goldblum et al. 2020) or on the perturbed input (Heo et al. 2019)
@@ -159,24 +170,28 @@ def make_loss(cfg: Config, student: nn.Module, teacher_fn: TeacherFn, teacher: n
             x_adv = _attack(_unwrap(m), x, kd.kd_objective(t, T), cfg)
             t_adv = t if cfg.adv_target == "clean" else teacher_fn(x_adv)
             return kd.hinton(m(torch.cat([x, x_adv])), torch.cat([t, t_adv]), torch.cat([y, y]), T, alpha).mean()
+        return student, loss
+    steps = [0]  # fit() calls the loss once per optimizer step (dkd's warm-up counts them)
+    if cfg.method == "dynamic":
+        def head(out, t, y):
+            return kd.hinton(out, t, y, T, kd.dynamic_alpha(t, T, alpha)).mean()
     elif cfg.method == "dkd":
-        steps = [0]  # fit() calls the loss once per optimizer step
-
-        def loss(m, x, y, idx):
-            out = m(x)
-            steps[0] += 1
+        def head(out, t, y):
             warm = min(steps[0] / cfg.dkd_warmup_steps, 1.0) if cfg.dkd_warmup_steps else 1.0
             target = y.argmax(1) if y.dim() == 2 else y  # mixup's soft labels: the larger share is the target
             return (cfg.ce_weight * F.cross_entropy(out, y, reduction="none")
-                    + warm * kd.dkd(out, t_of(x, idx), target, T, cfg.dkd_alpha, cfg.dkd_beta)).mean()
+                    + warm * kd.dkd(out, t, target, T, cfg.dkd_alpha, cfg.dkd_beta)).mean()
     elif cfg.method == "dist":
-        def loss(m, x, y, idx):  # a batch-level loss: kd.dist relates the samples of the batch (or rank's shard)
-            out = m(x)
-            return cfg.ce_weight * F.cross_entropy(out, y) + kd.dist(out, t_of(x, idx), T, cfg.dist_beta,
-                                                                     cfg.dist_gamma)
+        def head(out, t, y):  # a batch-level loss: kd.dist relates the samples of the batch (or rank's shard)
+            return cfg.ce_weight * F.cross_entropy(out, y) + kd.dist(out, t, T, cfg.dist_beta, cfg.dist_gamma)
     else:  # hinton, self (each generation), ensemble (teacher_fn averages)
-        def loss(m, x, y, idx):
-            return kd.hinton(m(x), t_of(x, idx), y, T, alpha).mean()
+        def head(out, t, y):
+            return kd.hinton(out, t, y, T, alpha).mean()
+    fn = tasks.per_head(head, heads or [])  # with tasks: sum over heads of weight x the method's loss
+
+    def loss(m, x, y, idx):
+        steps[0] += 1
+        return fn(m(x), t_of(x, idx), y)
     return student, loss
 
 
@@ -270,12 +285,12 @@ def _attack(model: nn.Module, x: torch.Tensor, objective, cfg: Config) -> torch.
 
 
 @torch.no_grad()
-def _acc_fn(teacher_fn: TeacherFn, split: Split, batch: int = 512) -> float:
-    """Accuracy of the (ensemble) teacher function over a split, streamed."""
-    dev, correct = train_device(), 0
+def _acc_fn(teacher_fn: TeacherFn, split: Split, batch: int = 512) -> dict[str, float]:
+    """Accuracy of the (ensemble) teacher function over a split per head ({"class": acc} for one), streamed."""
+    dev, right = train_device(), [0] * max(len(split.heads), 1)
     for x, y, _ in split.batches(batch):
-        correct += int((teacher_fn(x.to(dev)).argmax(1).cpu() == y).sum())
-    return correct / max(len(split), 1)
+        right = [a + b for a, b in zip(right, tasks.correct(teacher_fn(x.to(dev)).cpu(), y, split.heads))]
+    return {n: r / max(len(split), 1) for n, r in zip([h.name for h in split.heads] or ["class"], right)}
 
 
 def frozen_teacher(student: nn.Module) -> TeacherFn:

@@ -6,9 +6,9 @@ from pydantic import BaseModel, Field
 
 from pipeline.artifacts import Artifact, Artifacts
 from pipeline.context import Context
-from pipeline.device.ortbench import CPU, logits, open_session
+from pipeline.device.ortbench import CPU, head_outputs, open_session
 from pipeline.errors import StageError
-from pipeline.train import models
+from pipeline.train import models, tasks
 from pipeline.train.loop import predict
 from stages._common import torch2onnx
 
@@ -33,9 +33,11 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
         model = models.load(ctx.path(name), art.meta)
         onnx_name = name.removesuffix(".pt") + ".onnx"
         path = ctx.path(onnx_name)
-        torch2onnx(model, path, data.input_shape, cfg.opset, external_data=cfg.external_data)
+        heads = art.meta.get("heads")  # with tasks: one named output per head, the first task's first
+        torch2onnx(tasks.HeadOutputs(model, tasks.select(data.heads, heads)[0]) if heads else model, path,
+                   data.input_shape, cfg.opset, external_data=cfg.external_data, outputs=heads)
         expected = predict(model, x)
-        got = logits(open_session(path, CPU, threads=0), x)
+        got = np.concatenate(head_outputs(open_session(path, CPU, threads=0), x), axis=1)
         diff = np.abs(got - expected)
         parity = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "atol": cfg.atol, "rtol": cfg.rtol,
                   "samples": len(x), "argmax_agree": float((got.argmax(1) == expected.argmax(1)).mean())}
@@ -44,7 +46,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
                              f"(max |diff| {parity['max_abs']:.3g}). The graph is kept at {path} for inspection; "
                              f"raise export.atol only if the difference is understood.")
         ctx.log(f"  {onnx_name}: parity max |diff| {parity['max_abs']:.2e} on {len(x)} test images")
-        meta = {k: v for k, v in art.meta.items() if k in ("role", "params", "macs", "test_acc")}
+        meta = {k: v for k, v in art.meta.items() if k in ("role", "params", "macs", "test_acc", "heads")}
         if art.meta.get("predecessor"):  # the stage it should beat, for the report's "not faster" flag
             meta["predecessor"] = art.meta["predecessor"].removesuffix(".pt") + ".onnx"
         out[onnx_name] = Artifact(name=onnx_name, kind="onnx", stage="export", meta={

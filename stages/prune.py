@@ -14,9 +14,9 @@ from torch import nn
 from pipeline.artifacts import Artifacts
 from pipeline.context import Context
 from pipeline.errors import StageError, first_line
-from pipeline.train import kd, models
-from pipeline.train.loop import TrainConfig, accuracy, device_of, fit, seed_everything
-from stages._common import load_teachers, model_artifact, teacher_logits, train_augment
+from pipeline.train import kd, models, tasks
+from pipeline.train.loop import TrainConfig, accuracy, device_of, fit, head_accuracy, seed_everything
+from stages._common import load_teachers, model_artifact, teacher_heads, teacher_logits, train_augment
 
 
 class Config(TrainConfig):
@@ -50,7 +50,12 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
                          "false.")
     data, seed = ctx.data(), ctx.recipe.seed
     model = models.load(ctx.path("student.pt"), inputs["student.pt"].meta)
-    teacher = load_teachers(inputs, ctx)[0]
+    teachers, heads = load_teachers(inputs, ctx), teacher_heads(ctx)  # with tasks: the teacher of each task
+
+    @torch.no_grad()
+    def teacher(x: torch.Tensor) -> torch.Tensor:  # the teachers stay where they were loaded (CPU)
+        outs = [t(x.to(device_of(t))).to(x.device) for t in teachers]
+        return tasks.assemble(list(zip(outs, heads)), data.heads) if heads else outs[0]
     params0, macs0 = models.count(model, data.input_shape)
     acc0 = accuracy(model, data.test)
     # 2) prune: Torch-Pruning's dependency graph keeps coupled layers (residual adds, BN) consistent
@@ -69,14 +74,14 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
         aug = train_augment(ctx)
         # without augmentation the teacher sees the same images every epoch: run it once, look outputs up by index
         cached = None if aug is not None else teacher_logits(teacher, data.train)
+        head = tasks.per_head(lambda o, t, y: kd.hinton(o, t, y, cfg.temperature, cfg.alpha).mean(), data.heads)
 
         def kd_loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             if cached is not None:
                 t = cached[idx].to(x.device)
-            else:  # the teacher stays where it was loaded (CPU); fit() may train the student elsewhere
-                with torch.no_grad():
-                    t = teacher(x.to(device_of(teacher))).to(x.device)
-            return kd.hinton(m(x), t, y, cfg.temperature, cfg.alpha).mean()
+            else:  # fit() may train the student elsewhere than the teacher
+                t = teacher(x)
+            return head(m(x), t, y)
         desc = "student-pruned (KD fine-tune)"
         history = fit(model, kd_loss, data.train, data.val, cfg, seed=seed, desc=desc, augment=aug, log=ctx.log,
                       resume=ctx.resume(desc))
@@ -90,6 +95,8 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
         "acc_before": acc0, "acc_after_prune": acc_pruned, "acc_after_finetune": acc1,
         "counted_by": "torch_pruning.utils.count_ops_and_params at batch 1",
         "history": history.get("history", [])}
+    if data.heads:
+        ctx.results["prune"]["heads"] = head_accuracy(model, data.test)
     ctx.log(f"  student-pruned: test acc {acc1:.4f} after {history.get('epochs_run', 0)} fine-tuning epochs "
             f"(unpruned {acc0:.4f})")
     # 5) save the whole module: its shape no longer matches the class it was built from

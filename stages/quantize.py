@@ -170,9 +170,10 @@ def _train_batches(ctx: Context, batch: int, seed: int) -> Iterator[tuple[np.nda
 
 def _split_batches(ctx: Context, split: Literal["val", "test"], batch: int) -> Iterator[tuple[np.ndarray,
                                                                                              np.ndarray]]:
-    """(x float32 NCHW preprocessed, y) batches of the validation or test split, in order."""
+    """(x float32 NCHW preprocessed, y) batches of the validation or test split, in order. With tasks y is the
+    first task's labels: every choice is judged on the first output, the first task's head."""
     for x, y, _ in getattr(ctx.data(), split).batches(batch):
-        yield x.numpy(), y.numpy()
+        yield x.numpy(), (y[:, 0] if y.dim() == 2 else y).numpy()
 
 
 def resolve(cfg: Config) -> dict[str, Any]:

@@ -3,21 +3,22 @@
 Writes teacher.pt (or teacher.onnx when the recipe gives an ONNX teacher) and teacher-1.pt, teacher-2.pt, ...
 for the extra teachers, which ensemble KD averages (role extra-teacher: export and benchmark leave them out;
 the recipe's teacher stays the reference every budget and delta is measured against). Extra teacher i trains
-with seed + i, so copies of one spec still differ.
+with seed + i, so copies of one spec still differ. With recipe `tasks:` a teacher predicts the tasks of its
+`heads` (models.teacher: every task unless it names some), trained with the sum of their weighted
+cross-entropies; an extra teacher is then the teacher of the tasks it names, not an ensemble member.
 """
 from __future__ import annotations
 
 import shutil
 
-import torch.nn.functional as F
 from pydantic import Field
 
 from pipeline.artifacts import Artifact, Artifacts, files
 from pipeline.config import ModelSpec
 from pipeline.context import Context
-from pipeline.train import models
-from pipeline.train.loop import TrainConfig, accuracy, fit, seed_everything
-from stages._common import build_info, model_artifact, train_augment
+from pipeline.train import models, tasks
+from pipeline.train.loop import TrainConfig, accuracy, fit, head_accuracy, seed_everything
+from stages._common import build_info, model_artifact, model_heads, train_augment
 
 
 class Config(TrainConfig):
@@ -43,22 +44,33 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
 
 def _torch_teacher(ctx: Context, name: str, spec: ModelSpec, cfg: Config, seed: int, role: str
                    ) -> tuple[Artifact, dict]:
-    # 1) data and model
-    data = ctx.data()
+    # 1) data and model (with tasks: the heads it predicts, trained on their label columns)
+    data, heads = ctx.data(), model_heads(ctx, spec)
     seed_everything(seed)
-    model = models.build(spec, *build_info(data))
+    model = models.build(spec, *build_info(data, heads))
+    mine, cols = tasks.select(data.heads, heads)
+    ce = tasks.ce(mine)
     # 2) train unless a checkpoint was given
     history: dict = {}
     if spec.checkpoint is None:
-        history = fit(model, lambda m, x, y, _: F.cross_entropy(m(x), y), data.train, data.val, cfg, seed=seed,
-                      desc=name, augment=train_augment(ctx), console=ctx.console if ctx.rank == 0 else None,
-                      resume=ctx.resume(name))
+        history = fit(model, lambda m, x, y, _: ce(m(x), y[:, cols] if mine else y), data.train, data.val, cfg,
+                      seed=seed, desc=name, augment=train_augment(ctx),
+                      console=ctx.console if ctx.rank == 0 else None, resume=ctx.resume(name))
     # 3) measure and save
-    val, test = accuracy(model, data.val), accuracy(model, data.test)
-    ctx.log(f"  {name}: val acc {val:.4f}, test acc {test:.4f} (PyTorch)")
-    res = {"val_acc": val, "test_acc": test, "source": "checkpoint" if spec.checkpoint else "trained",
+    val, test = (head_accuracy(model, s, heads=heads) for s in (data.val, data.test))
+    ctx.log(f"  {name}: val acc {_show(val)}, test acc {_show(test)} (PyTorch)")
+    first = next(iter(test))  # the first head's figures are the model's figures (the only head without tasks)
+    res = {"val_acc": val[first], "test_acc": test[first], "source": "checkpoint" if spec.checkpoint else "trained",
            "epochs_run": history.get("epochs_run", 0), "history": history.get("history", [])}
-    return model_artifact(ctx, model, f"{name}.pt", role, spec, val_acc=val, test_acc=test), res
+    if mine:
+        res["heads"] = {h: {"val_acc": val[h], "test_acc": test[h]} for h in test}
+    return model_artifact(ctx, model, f"{name}.pt", role, spec, heads=heads, val_acc=val[first],
+                          test_acc=test[first]), res
+
+
+def _show(acc: dict[str, float]) -> str:
+    """'0.9833' for one head, 'digit 0.9833, parity 1.0000' for several."""
+    return f"{next(iter(acc.values())):.4f}" if len(acc) == 1 else ", ".join(f"{k} {v:.4f}" for k, v in acc.items())
 
 
 def _onnx_teacher(ctx: Context, name: str, spec: ModelSpec, role: str) -> tuple[Artifact, dict]:

@@ -48,7 +48,7 @@ def skipped(e: ModelEntry, provider: str, where: dict, reason: str, backend: str
 
 def measure(entries: list[ModelEntry], providers: list[str], s: BenchSettings, x: np.ndarray, y: np.ndarray,
             ref_preds: dict[str, np.ndarray], where: dict, *, meter=None, no_meter_energy=None,
-            cache_dir: Path | None = None, log=print, evaluate=None) -> list[dict]:
+            cache_dir: Path | None = None, log=print, evaluate=None, tasks: list[str] | None = None) -> list[dict]:
     """Open every (model, provider, threads) session, time them interleaved, then fill one row per
     (model, provider) from its fastest thread count.
 
@@ -56,6 +56,8 @@ def measure(entries: list[ModelEntry], providers: list[str], s: BenchSettings, x
     evaluate(sess) -> predictions over the whole test split, whose labels are y (the host streams a split too
     large to hold; x is then a small batch for timing); default: the predictions on x.
     no_meter_energy(latency_ms) -> (mj | None, source) is called when no meter is usable.
+    tasks (a multi-task model's heads): y, the references and evaluate's predictions are (N, tasks), one column
+    per task (`task_columns`); each row then has `heads`, and its accuracy and agreement are the first task's.
     """
     rows: list[dict] = []
     groups: dict[tuple[str, str], list[Timed]] = {}
@@ -92,14 +94,39 @@ def measure(entries: list[ModelEntry], providers: list[str], s: BenchSettings, x
         if prov == "TensorrtExecutionProvider":  # the first run built the engine: build time, not latency
             row["build_time_s"] = best.first_run_ms / 1e3
         pred = evaluate(best.sess) if evaluate is not None else logits(best.sess, x).argmax(1)
-        row["accuracy"] = float((pred == y).mean())
+        if tasks:
+            row["heads"] = _heads(pred, y, tasks, {k: v for k, v in ref_preds.items() if k != name})
+        first = (lambda a: a[:, 0] if a.ndim == 2 else a) if tasks else (lambda a: a)
+        pred, y1 = first(pred), first(y)
+        row["accuracy"] = float((pred == y1).mean())
         row["accuracy_n"] = len(y)  # images behind the figure: one of them is 1/n of accuracy
         row["accuracy_source"] = f"measured: this artifact through onnxruntime {prov} on the test split (n={len(y)})"
-        row["agreement"] = {k: float((pred == v).mean()) for k, v in ref_preds.items() if k != name}
+        row["agreement"] = {k: float((pred == first(v)).mean()) for k, v in ref_preds.items() if k != name}
         row["throughput"] = {str(b): throughput(best.sess, x, b, s.throughput_duration_s) for b in s.batch_sizes}
         row.update(_energy(best, meter, no_meter_energy, row["latency_ms"]["p50"], s))
         rows.append(row)
     return rows
+
+
+def task_columns(pred: np.ndarray, names: list[str], tasks: list[str]) -> np.ndarray:
+    """Predictions (N, outputs) of a model whose outputs are named after tasks, as (N, tasks): each output in its
+    task's column, -1 where the model has no head for the task (a teacher of some tasks only)."""
+    out = np.full((len(pred), len(tasks)), -1, np.int64)
+    for k, n in enumerate(names):
+        if n in tasks:
+            out[:, tasks.index(n)] = pred[:, k]
+    return out
+
+
+def _heads(pred: np.ndarray, y: np.ndarray, tasks: list[str], refs: dict[str, np.ndarray]) -> dict:
+    """Accuracy and agreement per head the model has (columns of task_columns)."""
+    out = {}
+    for c, t in enumerate(tasks):
+        if (pred[:, c] < 0).any():
+            continue
+        agree = {k: float((pred[:, c] == v[:, c]).mean()) for k, v in refs.items() if (v[:, c] >= 0).all()}
+        out[t] = {"accuracy": float((pred[:, c] == y[:, c]).mean()), "accuracy_n": len(y), "agreement": agree}
+    return out
 
 
 def _energy(t: Timed, meter, no_meter_energy, p50_ms: float, s: BenchSettings) -> dict:

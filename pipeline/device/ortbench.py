@@ -140,6 +140,12 @@ def logits(sess, x: np.ndarray, batch: int = 256) -> np.ndarray:
     return np.concatenate(outs).astype(np.float32)
 
 
+def head_outputs(sess, x: np.ndarray, batch: int = 256) -> list[np.ndarray]:
+    """Every output of the artifact (one per head of a multi-task model) on a preprocessed set, in batches."""
+    parts = [sess.run(None, feed(sess, x[i:i + batch])) for i in range(0, len(x), batch)]
+    return [np.concatenate([p[k] for p in parts]).astype(np.float32) for k in range(len(sess.get_outputs()))]
+
+
 def first_line(e: BaseException) -> str:
     """'Type: first non-empty line' (the device side's copy of pipeline.errors.first_line: this folder is
     copied alone onto devices and imports nothing of ours)."""

@@ -133,6 +133,7 @@ class Split:
     mean: torch.Tensor  # (1, C, 1, 1)
     std: torch.Tensor
     workers: int = 0
+    heads: list = field(default_factory=list)  # tasks.Head per column of labels (N, tasks); [] for one task
     skip_bad: bool = False
     skipped: set[int] = field(default_factory=set)  # indices of images that did not decode (data.skip_bad)
     _loader: object = None
@@ -174,7 +175,7 @@ class Split:
             xs.append(x.numpy())
             ys.append(y.numpy())
         if not xs:
-            return np.zeros((0, *self.input_shape), np.float32), np.zeros(0, np.int64)
+            return np.zeros((0, *self.input_shape), np.float32), np.zeros((0, *self.labels.shape[1:]), np.int64)
         return np.concatenate(xs), np.concatenate(ys)
 
     def sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -229,6 +230,7 @@ class Splits:
     test: Split
     classes: list[str]
     preprocessing: dict = field(default_factory=dict)
+    heads: list = field(default_factory=list)  # tasks.Head per output head (recipe tasks:); [] for one task
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -236,7 +238,8 @@ class Splits:
 
     @property
     def num_classes(self) -> int:
-        return len(self.classes)
+        """The scores a model of this data gives: its classes, or every head's classes."""
+        return sum(len(h.classes) for h in self.heads) if self.heads else len(self.classes)
 
     def skipped(self) -> dict[str, list[str]]:
         """Images that did not decode and were skipped (data.skip_bad), per split, as file names."""
@@ -318,8 +321,10 @@ def _imagefolder(cfg: DataConfig) -> tuple[dict[str, tuple[list[Path], np.ndarra
     return labelled, classes
 
 
-def load_splits(cfg: DataConfig, seed: int, run_dir: Path | None = None) -> Splits:
-    """List, split and describe the data; write the split file lists to run_dir/splits.json when given."""
+def load_splits(cfg: DataConfig, seed: int, run_dir: Path | None = None, tasks: list | None = None) -> Splits:
+    """List, split and describe the data; write the split file lists to run_dir/splits.json when given.
+
+    `tasks` (the recipe's): labels become (N, tasks), one column per task, split as the class is (stratified)."""
     if cfg.kind == "digits":
         x, y, classes, ids = _digits(cfg)
         rest, test = _stratified(y, cfg.test_fraction, seed)
@@ -342,13 +347,18 @@ def load_splits(cfg: DataConfig, seed: int, run_dir: Path | None = None) -> Spli
         parts = {k: (_images(p, cfg, cache_dir), y, [q.relative_to(cfg.root).as_posix() for q in p])
                  for k, (p, y) in labelled.items()}
 
+    heads = _heads(tasks or [], classes)
+    if heads:
+        from pipeline.train.tasks import head_labels, read_csv
+        csvs = {h.labels: read_csv(Path(h.labels)) for h in heads if h.labels.endswith(".csv")}
+        parts = {k: (images, head_labels(heads, y, ids, csvs), ids) for k, (images, y, ids) in parts.items()}
     workers = usable_cores() if cfg.workers is None else cfg.workers
     mean, std, source = _mean_std(cfg, parts["train"][0], seed, workers)
     if len(mean) != cfg.channels or len(std) != cfg.channels:
         raise ConfigError(f"data.mean/std: need {cfg.channels} value(s) per list, one per channel.")
     m, s = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
     splits = {k: Split(k, y, ids, images, m, s, workers=workers if isinstance(images, FileImages) else 0,
-                       skip_bad=cfg.skip_bad) for k, (images, y, ids) in parts.items()}
+                       skip_bad=cfg.skip_bad, heads=heads) for k, (images, y, ids) in parts.items()}
     pre = {"image_size": cfg.image_size, "channels": cfg.channels, "layout": "NCHW", "dtype": "float32",
            "scale": "1/16 (digits 0..16)" if cfg.kind == "digits" else "1/255",
            "mean": [float(v) for v in mean], "std": [float(v) for v in std], "resize": "bilinear",
@@ -358,8 +368,16 @@ def load_splits(cfg: DataConfig, seed: int, run_dir: Path | None = None) -> Spli
         from pipeline.artifacts import atomic_write_text
         atomic_write_text(run_dir / "splits.json", json.dumps(
             {"seed": seed, "root": str(cfg.root) if cfg.root else None, "classes": classes, "preprocessing": pre,
+             **({"tasks": [h.describe() for h in heads]} if heads else {}),
              **{k: ids for k, (_, _, ids) in parts.items()}}, indent=1))
-    return Splits(splits["train"], splits["val"], splits["test"], classes, pre)
+    return Splits(splits["train"], splits["val"], splits["test"], classes, pre, heads)
+
+
+def _heads(tasks: list, classes: list[str]) -> list:
+    if not tasks:
+        return []
+    from pipeline.train.tasks import make_heads
+    return make_heads(tasks, classes)
 
 
 def _images(paths: list[Path], cfg: DataConfig, cache_dir: Path | None):

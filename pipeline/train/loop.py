@@ -20,6 +20,7 @@ from torch import nn
 
 from pipeline.artifacts import atomic_target
 from pipeline.errors import StageError
+from pipeline.train import tasks
 from pipeline.train.data import Split
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -89,18 +90,28 @@ def predict(model: nn.Module, x: np.ndarray, batch: int = 512) -> np.ndarray:
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, split: Split, batch: int = 512) -> float:
-    """Top-1 accuracy over a split, streamed batch by batch (nothing but the count is kept)."""
+    """Top-1 accuracy over a split (with tasks: of the first task's head), streamed batch by batch."""
+    return next(iter(head_accuracy(model, split, batch).values()))
+
+
+@torch.no_grad()
+def head_accuracy(model: nn.Module, split: Split, batch: int = 512, heads: list[str] | None = None
+                  ) -> dict[str, float]:
+    """Top-1 accuracy per head ({"class": acc} for a single-task model), streamed: only the counts are kept.
+    `heads`: the tasks the model predicts, when not every task (a per-task teacher)."""
     was = model.training
     model.eval()
     dev = device_of(model)
-    correct = seen = 0
+    mine, cols = tasks.select(split.heads, heads)
+    right, seen = [0] * max(len(mine), 1), 0
     for x, y, _ in split.batches(batch):
-        correct += int((model(x.to(dev)).argmax(1).cpu() == y).sum())
+        y = y[:, cols] if mine else y
+        right = [a + b for a, b in zip(right, tasks.correct(model(x.to(dev)).cpu(), y, mine))]
         seen += len(y)
     model.train(was)
-    return correct / max(seen, 1)
+    names = [h.name for h in mine] or ["class"]
+    return {n: r / max(seen, 1) for n, r in zip(names, right)}
 
 
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -196,7 +207,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: TrainC
     # 2) optimiser, keeper (best/EMA/early stop), the shuffling generator; or all of them from a checkpoint
     params = list(net.parameters())
     opt = _optimizer(cfg, params)
-    keeper = Keeper(model, cfg, chance=1.0 / max(len(np.unique(train.labels)), 1))
+    keeper = Keeper(model, cfg, chance=1.0 / max(len(np.unique(train.labels.reshape(len(train), -1)[:, 0])), 1))
     g = torch.Generator().manual_seed(seed)
     state = _TrainState()
     done = _restore(resume, model, opt, keeper, prec, g, state, dev)
