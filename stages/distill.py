@@ -115,6 +115,9 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
         "acc_scratch": acc_sc, "gap_closed": (acc_kd - acc_sc) / gap if gap > 0 else None, **extra,
         "val_kd": h_kd["val_acc"], "val_scratch": h_sc["val_acc"],
         "history_kd": h_kd["history"], "history_scratch": h_sc["history"]}
+    for h, a in extra.get("heads", {}).items():
+        ctx.log(f"  head {h}: teacher {a['acc_teacher']:.4f}  KD student {a['acc_kd']:.4f}  scratch student "
+                f"{a['acc_scratch']:.4f}")
     ctx.log(f"  test acc (PyTorch): teacher {acc_t:.4f}  KD student {acc_kd:.4f}  scratch student {acc_sc:.4f}"
             + (f"  under {extra['attack']}: KD {extra['acc_kd_attacked']:.4f}, scratch "
                f"{extra['acc_scratch_attacked']:.4f}" if "attack" in extra else ""))

@@ -55,7 +55,7 @@ def _torch_teacher(ctx: Context, name: str, spec: ModelSpec, cfg: Config, seed: 
     if spec.checkpoint is None:
         history = fit(model, lambda m, x, y, _: ce(m(x), y[:, cols] if mine else y), data.train, data.val, cfg,
                       seed=seed, desc=name, augment=train_augment(ctx),
-                      console=ctx.console if ctx.rank == 0 else None, resume=ctx.resume(name))
+                      console=ctx.console if ctx.rank == 0 else None, resume=ctx.resume(name), heads=heads)
     # 3) measure and save
     val, test = (head_accuracy(model, s, heads=heads) for s in (data.val, data.test))
     ctx.log(f"  {name}: val acc {_show(val)}, test acc {_show(test)} (PyTorch)")
@@ -69,8 +69,8 @@ def _torch_teacher(ctx: Context, name: str, spec: ModelSpec, cfg: Config, seed: 
 
 
 def _show(acc: dict[str, float]) -> str:
-    """'0.9833' for one head, 'digit 0.9833, parity 1.0000' for several."""
-    return f"{next(iter(acc.values())):.4f}" if len(acc) == 1 else ", ".join(f"{k} {v:.4f}" for k, v in acc.items())
+    """'0.9833' without tasks, 'digit 0.9833, parity 1.0000' with (head_accuracy names the one head 'class')."""
+    return f"{acc['class']:.4f}" if list(acc) == ["class"] else ", ".join(f"{k} {v:.4f}" for k, v in acc.items())
 
 
 def _onnx_teacher(ctx: Context, name: str, spec: ModelSpec, role: str) -> tuple[Artifact, dict]:

@@ -90,9 +90,9 @@ def predict(model: nn.Module, x: np.ndarray, batch: int = 512) -> np.ndarray:
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
-def accuracy(model: nn.Module, split: Split, batch: int = 512) -> float:
-    """Top-1 accuracy over a split (with tasks: of the first task's head), streamed batch by batch."""
-    return next(iter(head_accuracy(model, split, batch).values()))
+def accuracy(model: nn.Module, split: Split, batch: int = 512, heads: list[str] | None = None) -> float:
+    """Top-1 accuracy over a split (with tasks: of the model's first head), streamed batch by batch."""
+    return next(iter(head_accuracy(model, split, batch, heads).values()))
 
 
 @torch.no_grad()
@@ -181,7 +181,7 @@ class Resume:
 
 def fit(model: nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: TrainConfig, *, seed: int, desc: str,
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None, log: Callable[[str], None] | None = None,
-        console=None, resume: Resume | None = None) -> dict:
+        console=None, resume: Resume | None = None, heads: list[str] | None = None) -> dict:
     """Train in place; keep the weights of the best validation epoch (or the last: cfg.keep). Returns the history.
 
     loss_fn(model, xb, yb, idx) gets the batch indices so KD methods can look up precomputed teacher outputs.
@@ -190,6 +190,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: TrainC
     (per rank on CPU: no SyncBatchNorm there) and augmentation draws. `resume`: checkpoint every epoch and,
     when a checkpoint with the same key exists, continue after its last finished epoch (bit for bit on CPU).
     `console`: a rich Console for the progress bar (rank 0 only); `log`: one summary line when done.
+    `heads`: the tasks the model predicts when not every task (a teacher of some tasks): what validation reads.
     """
     # 1) seed, threads, device, precision
     seed_everything(seed)
@@ -220,7 +221,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: TrainC
             if world > 1:
                 _sync_ranks([model, keeper.kept], loss)
             epoch_loss = round(float(loss[0] / max(loss[1], 1)), 5)
-            val_acc = accuracy(keeper.kept, val)
+            val_acc = accuracy(keeper.kept, val, heads=heads)
             state.history.append({"epoch": epoch + 1, "loss": epoch_loss, "val_acc": round(val_acc, 4)})
             stop = keeper.update(val_acc)
             bar.update(epoch + 1, epoch_loss, val_acc, keeper.best_acc)
