@@ -170,6 +170,18 @@ def _model_info(run_dir: Path, name: str, report: dict) -> dict:
             "meta": {k: row.get(k) for k in ("role", "stage", "size_bytes", "params", "macs")}}
 
 
+def _outputs(model: dict, splits: dict) -> list[dict]:
+    """What each output of the recommended model means: its task (recipe tasks:, one head each) and the class
+    of each index; a single-task model's one output scores the data's classes."""
+    tasks = {t["name"]: t for t in splits.get("tasks", [])}
+    out = []
+    for o in model["outputs"]:
+        t = tasks.get(o["name"])
+        out.append({"name": o["name"], "task": t["name"] if t else None,
+                    "classes": t["classes"] if t else splits.get("classes", [])})
+    return out
+
+
 def _manifest(stage: Path, run_dir: Path, report: dict, prof: Profile, verdict, splits: dict,
               models: list[dict]) -> dict:
     t = prof.target
@@ -188,6 +200,7 @@ def _manifest(stage: Path, run_dir: Path, report: dict, prof: Profile, verdict, 
         "input": models[0]["inputs"][0], "input_name": models[0]["inputs"][0]["name"],
         "opset": models[0]["opset"], "models": models,
         "preprocessing": splits.get("preprocessing", {}), "classes": splits.get("classes", []),
+        "outputs": _outputs(models[0], splits),
         "versions": {k: versions.get(k) for k in ("python", "torch", "onnx", "onnxruntime", "onnxruntime-gpu")},
         "profile": {"name": prof.name, "target": t.model_dump(mode="json"),
                     "budgets": prof.budgets.model_dump(mode="json")},
