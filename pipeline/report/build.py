@@ -125,6 +125,9 @@ def distill_facts(d: dict) -> list[tuple[str, str]]:
     if d.get("attack"):  # adversarial KD: robustness is what the method is for
         out.append((f"under attack ({d['attack']}): KD / scratch",
                     f"{fmt(d.get('acc_kd_attacked'), 4)} / {fmt(d.get('acc_scratch_attacked'), 4)}"))
+    for h, a in (d.get("heads") or {}).items():  # multi-task: every head's figures (the lines above: the first's)
+        out.append((f"head {h}: teacher / KD / scratch",
+                    f"{fmt(a.get('acc_teacher'), 4)} / {fmt(a.get('acc_kd'), 4)} / {fmt(a.get('acc_scratch'), 4)}"))
     for g in d.get("generations") or []:  # self-distillation: each generation's student
         out.append((f"generation {g['generation']}", f"{fmt(g.get('test_acc'), 4)} (val {fmt(g.get('val_acc'), 4)})"))
     return out
