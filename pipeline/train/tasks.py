@@ -68,7 +68,11 @@ def task_classes(labels: str, primary: list[str]) -> tuple[str, ...]:
         return tuple(primary)
     if labels in DIGITS_TASKS:
         return DIGITS_TASKS[labels][0]
-    return tuple(sorted(set(read_csv(Path(labels)).values())))
+    classes = tuple(sorted(set(read_csv(Path(labels)).values())))
+    if len(classes) < 2:
+        raise ConfigError(f"{labels}: every row has the label '{classes[0]}'; a task needs at least two labels to "
+                          f"learn anything. Fix the CSV, or remove the task.")
+    return classes
 
 
 def make_heads(tasks, primary: list[str]) -> list[Head]:
