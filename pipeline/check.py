@@ -104,8 +104,21 @@ def _data(path: Path, rec: RecipeBase) -> tuple[str, tuple[np.ndarray, int]]:
         total = sum(len(s) for s in (splits.train, splits.val, splits.test))
         return f"digits: {total:,} images, {classes} classes, a batch of {len(x)} read", (x, classes)
     x, listed = _imagefolder_batch(rec.data)
-    return (f"imagefolder {rec.data.root}: {classes} classes, {listed:,} images listed, {len(x)} decoded",
-            (x, classes))
+    labelled = f", every image labelled for {len(rec.tasks)} tasks" if rec.tasks and _task_labels(rec) else ""
+    return (f"imagefolder {rec.data.root}: {classes} classes, {listed:,} images listed, {len(x)} decoded"
+            f"{labelled}", (x, classes))
+
+
+def _task_labels(rec: RecipeBase) -> bool:
+    """Every image of the folder has a row in every tasks CSV (the first one missing is named), as the run needs."""
+    from pipeline.train.data import _imagefolder
+    from pipeline.train.tasks import head_labels, make_heads, read_csv
+    parts, classes = _imagefolder(rec.data)
+    heads = make_heads(rec.tasks, classes)
+    csvs = {h.labels: read_csv(Path(h.labels)) for h in heads if h.labels.endswith(".csv")}
+    for paths, y in parts.values():
+        head_labels(heads, y, [p.relative_to(rec.data.root).as_posix() for p in paths], csvs)
+    return True
 
 
 def _model(path: Path, field: str, spec, rec: RecipeBase, data: tuple[np.ndarray, int]) -> tuple[str, bool]:
