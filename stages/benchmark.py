@@ -47,7 +47,8 @@ def settings(cfg: Config, t: Target) -> BenchSettings:
 def entries(inputs: Artifacts, ctx: Context) -> list[ModelEntry]:
     return [ModelEntry(a.name, ctx.path(a.name), a.meta.get("precision", "fp32"),
                        {**a.meta, "size_bytes": a.size_bytes, "stage": a.stage})
-            for a in inputs.values() if a.kind == "onnx" and a.meta.get("role") != "extra-teacher"]
+            for a in inputs.values() if a.kind == "onnx" and (a.meta.get("role") != "extra-teacher"
+                                                             or a.meta.get("heads"))]  # a teacher of tasks
 
 
 def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
@@ -57,7 +58,7 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     models = entries(inputs, ctx)
     teacher = next((m for m in models if m.meta.get("role") == "teacher"), None)
     tasks = [h.name for h in data.heads] or None  # with tasks: predictions and labels are (N, tasks)
-    refs = {"teacher": _predictions(open_session(teacher.path, CPU, threads=0), data.test, tasks=tasks)} if teacher else {}
+    refs = {"teacher": _teacher_predictions(models, data.test, tasks)} if teacher else {}
     x_time, _ = data.test.arrays(limit=TIMING_IMAGES)  # inputs for timing and throughput, not for accuracy
     # 2) host rows: the profile's providers, plus this CPU as a labelled reference
     providers = list(profile.target.providers)
@@ -142,6 +143,17 @@ def _add_source_agreement(rows: list[dict], models: list[ModelEntry], split: Spl
             max_abs, sum_abs = max(max_abs, float(abs(a - b).max())), sum_abs + float(abs(a - b).sum())
         r["agreement"]["source"] = agree / max(seen, 1)
         r["output_diff_vs_source"] = {"source": src, "max_abs": max_abs, "mean_abs": sum_abs / max(elements, 1)}
+
+
+def _teacher_predictions(models: list[ModelEntry], split: Split, tasks: list[str] | None) -> np.ndarray:
+    """The teacher's predictions; with tasks, each task's column from its teacher (the teacher's heads first,
+    then each teacher of tasks'), the reference every head's agreement is measured against."""
+    roles = ("teacher", "extra-teacher") if tasks else ("teacher",)
+    out = None
+    for m in sorted((m for m in models if m.meta.get("role") in roles), key=lambda m: m.meta["role"] != "teacher"):
+        p = _predictions(open_session(m.path, CPU, threads=0), split, tasks=tasks)
+        out = p if out is None else np.where(out < 0, p, out)  # -1: this teacher has no head for the task
+    return out
 
 
 def _predictions(sess, split: Split, batch: int = 256, tasks: list[str] | None = None) -> np.ndarray:

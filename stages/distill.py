@@ -104,6 +104,8 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     acc_t = _acc_fn(base_fn, data.test)
     acc_kd, acc_sc = accuracy(student, data.test), accuracy(scratch, data.test)
     if data.heads:  # every head's test accuracy: the teachers' (each task's own), the two students'
+        names = ["teacher"] + [f"teacher-{i}" for i in range(1, len(heads))]
+        extra["teacher_of"] = {h.name: next(n for n, mine in zip(names, heads) if h in mine) for h in data.heads}
         extra["heads"] = {h: {"acc_teacher": t, "acc_kd": k, "acc_scratch": c} for (h, t), k, c in zip(
             acc_t.items(), head_accuracy(student, data.test).values(), head_accuracy(scratch, data.test).values())}
     acc_t = next(iter(acc_t.values()))

@@ -27,8 +27,8 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
     x, _ = data.test.arrays(limit=cfg.parity_samples)
     out: Artifacts = {}
     for name, art in inputs.items():
-        if art.kind != "torch" or art.meta.get("role") == "extra-teacher":  # ensemble KD's aids, not candidates
-            continue
+        if art.kind != "torch" or (art.meta.get("role") == "extra-teacher" and not art.meta.get("heads")):
+            continue  # ensemble KD's aids are not candidates; a teacher of tasks is exported: its heads' reference
         # 1) load  2) export  3) check graph  4) parity on the same inputs
         model = models.load(ctx.path(name), art.meta)
         onnx_name = name.removesuffix(".pt") + ".onnx"

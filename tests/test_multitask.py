@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from pipeline.artifacts import is_candidate
 from pipeline.cli import app
 from pipeline.config import ROOT, load_recipe
 from pipeline.report import schema as reportschema
@@ -144,9 +145,11 @@ def test_the_bundle_names_each_output_and_its_task(digits_run, tmp_path):
     assert cli.invoke(app, ["verify", str(bundle)]).exit_code == 0
     with tarfile.open(bundle) as tar:
         manifest = json.load(tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("/manifest.json"))))
+        readme = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("/README-device.md"))).read()
     assert [(o["name"], o["task"], len(o["classes"])) for o in manifest["outputs"]] == [("digit", "digit", 10),
                                                                                       ("parity", "parity", 2)]
     assert [o["name"] for o in manifest["models"][0]["outputs"]] == ["digit", "parity"]
+    assert "outputs `digit` (10 classes), `parity` (2 classes)" in readme.decode()
 
 
 # ---------------------------------------------------------- (b) an ImageFolder with a CSV task and its own teacher
@@ -212,10 +215,6 @@ def test_imagefolder_with_a_csv_task_taught_by_its_own_teacher(folder_run):
     assert student["heads"]["tone"]["accuracy"] == pytest.approx(float((tone == y[:, 1]).mean()), abs=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="extra teachers are neither exported nor benchmarked (stages/export.py:30, "
-                                       "stages/benchmark.py:50), so no row has head 'tone' of its teacher, while "
-                                       "budgets._teacher_accuracy looks for an 'extra-teacher' row: the check is "
-                                       "unmeasured and the gate exits 2")
 def test_a_head_taught_by_an_extra_teacher_has_a_drop_budget_the_gate_can_judge(folder_run, tmp_path):
     _, run, _ = folder_run
     data = yaml.safe_load((ROOT / "profiles" / "edge-cpu.yaml").read_text())
@@ -229,8 +228,17 @@ def test_a_head_taught_by_an_extra_teacher_has_a_drop_budget_the_gate_can_judge(
     assert res.exit_code == 0
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/report/build.py:118 labels the teacher 'ensemble of N' whenever "
-                                       "distill used N > 1 teachers; with tasks they are one teacher per task")
+def test_the_teacher_of_a_task_is_benchmarked_as_a_reference_and_every_head_has_a_teacher_agreement(folder_run):
+    _, run, _ = folder_run
+    report = json.loads((run / "report.json").read_text())
+    rows = {r["artifact"]: r for r in report["rows"] if r["status"] == "measured"}
+    assert list(rows["teacher-1.onnx"]["heads"]) == ["tone"] and rows["teacher-1.onnx"]["role"] == "extra-teacher"
+    assert not is_candidate(rows["teacher-1.onnx"]["role"])  # a reference, never recommended or shipped
+    assert report["tasks"][1]["labels"] == "labels.csv"  # the CSV by name: the host's path stays home
+    student = rows["student.onnx"]["heads"]
+    assert set(student["side"]["agreement"]) == set(student["tone"]["agreement"]) == {"teacher"}
+
+
 def test_teachers_of_tasks_are_not_called_an_ensemble(folder_run):
     _, run, _ = folder_run
     md = (run / "report.md").read_text()

@@ -115,8 +115,10 @@ def recommend(report: dict) -> dict | None:
 def distill_facts(d: dict) -> list[tuple[str, str]]:
     """The distill stage's results as (label, value) lines, for report.md and report.html alike."""
     gap = d.get("gap_closed")
-    out = [("teacher" + (f" (ensemble of {d['teachers']})" if (d.get("teachers") or 1) > 1 else ""),
-            fmt(d.get("acc_teacher"), 4)),
+    of = d.get("teacher_of")  # multi-task: the teacher of each task, not an ensemble
+    label = (" (" + ", ".join(f"{t}: {n}" for t, n in of.items()) + ")" if of and len(set(of.values())) > 1 else
+             f" (ensemble of {d['teachers']})" if not of and (d.get("teachers") or 1) > 1 else "")
+    out = [("teacher" + label, fmt(d.get("acc_teacher"), 4)),
            ("KD student", fmt(d.get("acc_kd"), 4)),
            ("scratch student (same budget, no teacher)", fmt(d.get("acc_scratch"), 4)),
            ("gap closed (KD - scratch) / (teacher - scratch)",

@@ -216,13 +216,21 @@ def _manifest(stage: Path, run_dir: Path, report: dict, prof: Profile, verdict, 
     }
 
 
+def _scores(model: dict, splits: dict) -> str:
+    """'10 classes', or per output of a multi-task model: "outputs `digit` (10 classes), `parity` (2 classes)"."""
+    outs = _outputs(model, splits)
+    if len(outs) == 1:
+        return f"{len(outs[0]['classes'])} classes"
+    return "outputs " + ", ".join(f"`{o['name']}` ({len(o['classes'])} classes)" for o in outs)
+
+
 def device_readme(name: str, report: dict, prof: Profile, models: list[dict], splits: dict) -> str:
     m, pre = models[0], splits.get("preprocessing", {})
     inp = m["inputs"][0]
     shape = "x".join(str(d if isinstance(d, int) and d > 0 else 1) for d in inp["shape"])
     lines = [f"# {name}", "",
              f"`{m['file']}` ({m['precision']}, opset {m['opset']}): input `{inp['name']}` {inp['dtype']} "
-             f"{inp['shape']}, {len(splits.get('classes', []))} classes. From run `{report['run_id']}` for "
+             f"{inp['shape']}, {_scores(m, splits)}. From run `{report['run_id']}` for "
              f"profile `{prof.name}` ({prof.target.name}); manifest.json says which budgets the gate found met.", "",
              "## 1. Verify first", "", f"    {shlex.join(device_command('python3', 'manifest', 'verify', '.'))}", "",
              "Recomputes every sha256 in manifest.json, refuses any file it does not list (and any link, device "

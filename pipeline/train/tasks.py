@@ -34,7 +34,9 @@ class Head:
     labels: str = "class"  # where the labels come from: class, parity, ge5, or a CSV path
 
     def describe(self) -> dict:
-        return {"name": self.name, "classes": list(self.classes), "weight": self.weight, "labels": self.labels}
+        """For splits.json, benchmark.json and the report: a CSV by its file name (the host's path stays home)."""
+        labels = Path(self.labels).name if self.labels.endswith(".csv") else self.labels
+        return {"name": self.name, "classes": list(self.classes), "weight": self.weight, "labels": labels}
 
 
 def read_csv(path: Path) -> dict[str, str]:
