@@ -136,7 +136,8 @@ def test_the_device_readme_builds_engines_with_the_flags_of_each_tensorrt(shippa
     run = shippable[0]
     report, splits = (json.loads((run / f).read_text()) for f in ("report.json", "splits.json"))
     m = {"name": "s.onnx", "file": "models/s.onnx", "precision": "fp32", "opset": 18,
-         "inputs": [{"name": "input", "dtype": "float32", "shape": ["n", 1, 8, 8]}]}
+         "inputs": [{"name": "input", "dtype": "float32", "shape": ["n", 1, 8, 8]}],
+         "outputs": [{"name": "logits", "dtype": "float32", "shape": ["n", 10]}]}
     models = [m, {**m, "name": "s.fp16.onnx", "precision": "fp16"}, {**m, "name": "s.int8.onnx", "precision": "int8"}]
     readme = ship_mod.device_readme("b", report, load_profile("jetson"), models, splits)
     head, _, trt11 = readme.partition("TensorRT 11 and later")
