@@ -1,10 +1,21 @@
-"""scripts/kd_seeds.py, the source of the README's gap-closed figures: one row per seed and variant, then means."""
+"""scripts/kd_seeds.py, the source of the README's gap-closed figures: one row per seed and variant, then means;
+--make-data's 32x32 ImageFolder."""
 from __future__ import annotations
 
+import json
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline.config import RECIPES_DIR, load_recipe
+from scripts.kd_seeds import DIGITS32, MARKER, write_digits32
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,3 +39,50 @@ def test_rows_per_seed_and_variant_then_means_over_seeds():
     for mean, variant_rows in zip(means, (rows[0::2], rows[1::2])):
         for i in range(3):
             assert abs(float(mean[i]) - sum(float(r[i + 1]) for r in variant_rows) / 2) < 1e-4
+    sds = re.findall(rf"^  sd +{num} +{num} +{num} .*KD - scratch per seed: ([-+]\d\.\d{{4}}) \+- (\d\.\d{{4}})\)$",
+                     out, re.M)
+    assert len(sds) == 2
+    for sd, variant_rows in zip(sds, (rows[0::2], rows[1::2])):
+        for i in range(3):
+            assert abs(float(sd[i]) - statistics.stdev(float(r[i + 1]) for r in variant_rows)) < 2e-4
+        diff = [float(r[2]) - float(r[3]) for r in variant_rows]
+        assert abs(float(sd[3]) - statistics.mean(diff)) < 2e-4 and abs(float(sd[4]) - statistics.stdev(diff)) < 2e-4
+
+
+def test_make_data_draws_the_digits_as_a_32x32_colour_imagefolder_once(tmp_path):
+    root = tmp_path / "digits-32"
+    assert write_digits32(root) == "written"
+    counts = {part: {c.name: len(list(c.glob("*.png"))) for c in (root / part).iterdir()} for part in ("train", "test")}
+    assert sorted(counts["train"]) == sorted(counts["test"]) == [str(d) for d in range(10)]
+    assert sum(counts["train"].values()) + sum(counts["test"].values()) == 1797  # each digit drawn once
+    assert sum(counts["test"].values()) == 360  # 20 %, rounded up as scikit-learn rounds
+    first = sorted((root / "test" / "3").glob("*.png"))[0]
+    image = np.asarray(Image.open(first))
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    # coloured, not grey: the channels differ
+    assert np.abs(image[..., 0].astype(int) - image[..., 1]).mean() > 1
+    # a second call keeps the folder; a marker with other settings is redrawn, to the same bytes
+    before = first.read_bytes()
+    assert write_digits32(root) == "reused"
+    (root / MARKER).write_text(json.dumps({**DIGITS32, "noise_std": 0}))
+    assert write_digits32(root) == "written" and first.read_bytes() == before
+
+
+def test_make_data_refuses_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "photo.png").write_bytes(b"")
+    with pytest.raises(SystemExit, match="not a folder this script wrote"):
+        write_digits32(tmp_path / "mine")
+    assert (tmp_path / "mine" / "photo.png").exists()
+
+
+def test_imagefolder_32_recipe_loads_on_the_drawn_digits(tmp_path):
+    """The recipe's data, teacher and student check out against what --make-data writes (10 classes, 32x32 RGB)."""
+    write_digits32(tmp_path / "digits-32")
+    recipe = yaml.safe_load((RECIPES_DIR / "imagefolder-32.yaml").read_text())
+    assert recipe["data"]["root"] == "../runs/digits-32"  # where --make-data writes it, beside the recipes
+    recipe["data"]["root"] = str(tmp_path / "digits-32")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    r = load_recipe(path)
+    assert r.data.image_size == 32 and r.data.channels == 3 and r.models.teacher.arch == "resnet"
