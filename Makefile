@@ -5,6 +5,9 @@ PROFILE ?= edge-cpu
 RECIPE  ?= recipes/digits.yaml
 RESUME  ?= 0
 NPROC   ?= 1
+SET     ?=
+# SET="distill.method=dkd distill.epochs=50": recipe settings for this run (pipeline --set, README: Recipes)
+SETS     = $(foreach s,$(SET),--set '$(s)')
 RUN     ?= runs/latest
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
@@ -12,7 +15,7 @@ STAMP   := $(VENV)/.installed
 .PHONY: pipeline search test test-deps bench bench-quant bench-data gate ship report render clean help
 
 help:
-	@echo "make pipeline [PROFILE=edge-cpu|server-gpu|jetson] [RECIPE=...] [RESUME=1] [NPROC=2]"
+	@echo "make pipeline [PROFILE=edge-cpu|server-gpu|jetson] [RECIPE=...] [SET='KEY=VALUE ...'] [RESUME=1] [NPROC=2]"
 	@echo "make search [PROFILE=...] [RECIPE=recipes/digits-64.yaml] [P95=ms] [MAX_DROP=0.01] [RESUME=1]"
 	@echo "make test | make bench | make bench-data | make bench-quant | make gate PROFILE=... | make ship PROFILE=... | make report"
 
@@ -24,8 +27,8 @@ $(STAMP): pyproject.toml
 
 # `pipeline check` first: a bad file, model or device fails in seconds, not mid-run
 pipeline: $(STAMP)
-	$(BIN)/pipeline check --profile $(PROFILE) --recipe $(RECIPE)
-	$(BIN)/pipeline run --profile $(PROFILE) --recipe $(RECIPE) --nproc $(NPROC) $(if $(filter 1,$(RESUME)),--resume,)
+	$(BIN)/pipeline check --profile $(PROFILE) --recipe $(RECIPE) $(SETS)
+	$(BIN)/pipeline run --profile $(PROFILE) --recipe $(RECIPE) $(SETS) --nproc $(NPROC) $(if $(filter 1,$(RESUME)),--resume,)
 
 # The most accurate model meeting every budget among the recipe's `search:` space (README: Search). RECIPE defaults
 # to digits-64 here; P95 and MAX_DROP replace the profile's p95_latency_ms and max_accuracy_drop (empty: the

@@ -52,13 +52,14 @@ class _Checks:
         self.echo(f"FAIL  {name}: {msg}".replace("\n", "\n      "))
 
 
-def run_checks(recipe_path: Path, profile_name: str, echo: Callable[[str], None], debug: bool = False) -> bool:
+def run_checks(recipe_path: Path, profile_name: str, echo: Callable[[str], None], debug: bool = False,
+               sets: list[str] = ()) -> bool:
     """Check configs, paths, models, data, the teacher on a real batch and the device; True when all pass."""
     t0 = time.perf_counter()
     check = _Checks(echo, debug)
     recipe_path = Path(recipe_path)
     prof = check("profile", lambda: _profile(profile_name))
-    rec = check("recipe", lambda: _recipe(recipe_path, prof))
+    rec = check("recipe", lambda: _recipe(recipe_path, prof, sets))
     paths = check("paths", lambda: _paths(recipe_path, rec), needs=rec is not None)
     data = check("data", lambda: _data(recipe_path, rec), needs=paths is not None)
     models_ok = []
@@ -80,9 +81,10 @@ def _profile(name: str) -> tuple[str, Profile]:
     return f"{p.name}, {p.target.kind}: {p.target.name} ({p.where})", p
 
 
-def _recipe(path: Path, prof: Profile | None) -> tuple[str, RecipeBase]:
-    rec = parse_recipe(path, prof)
+def _recipe(path: Path, prof: Profile | None, sets: list[str] = ()) -> tuple[str, RecipeBase]:
+    rec = parse_recipe(path, prof, sets)
     note = "" if prof is not None else " (without the profile's overrides: the profile did not load)"
+    note += f" (with {len(sets)} --set)" if sets else ""
     return f"{rec.name}, every setting valid{note}", rec
 
 

@@ -27,6 +27,10 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")]
     DEBUG["on"] = debug
 
 
+SET_HELP = ("KEY=VALUE: a recipe setting for this run, over the recipe and the profile's overrides (KEY dotted, "
+            "VALUE YAML; repeatable), e.g. --set distill.method=dkd")
+
+
 def fail(msg: str, code: int) -> None:
     err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -38,13 +42,14 @@ def run(profile: Annotated[str, typer.Option(help="a name from profiles/ or a YA
         runs_dir: Annotated[Path, typer.Option(help="where run directories go")] = Path("runs"),
         resume: Annotated[bool, typer.Option(help="continue runs/latest, skipping unchanged stages")] = False,
         nproc: Annotated[int, typer.Option(help="processes for teacher/distill training (torchrun, DDP)")] = 1,
+        set_: Annotated[Optional[list[str]], typer.Option("--set", help=SET_HELP)] = None,
         ) -> None:
     """Run every enabled stage and write runs/<id>/report.md."""
     from pipeline.report.build import render_md  # noqa: F401  (import errors surface before a long run)
     from pipeline.runner import run_pipeline
     try:
         prof = load_profile(profile)
-        rec = load_recipe(recipe, prof)
+        rec = load_recipe(recipe, prof, set_ or [])
         run_dir = run_pipeline(rec, prof, recipe_path=recipe, runs_dir=runs_dir, resume=resume, console=console,
                                debug=DEBUG["on"], nproc=nproc)
     except ConfigError as e:
@@ -68,6 +73,7 @@ def search(profile: Annotated[str, typer.Option(help="a name from profiles/ or a
                                                             "profile's")] = None,
            max_drop: Annotated[Optional[float], typer.Option(help="max_accuracy_drop budget vs the teacher "
                                                                  "(0.01 = 1 point), instead of the profile's")] = None,
+           set_: Annotated[Optional[list[str]], typer.Option("--set", help=SET_HELP)] = None,
            ) -> None:
     """Search the recipe's space for the most accurate model meeting every budget: runs/search-<id>/report.md."""
     import time
@@ -75,11 +81,11 @@ def search(profile: Annotated[str, typer.Option(help="a name from profiles/ or a
     from pipeline.search import run_search, with_budgets
     t0 = time.monotonic()
     try:
-        if resume and (p95 is not None or max_drop is not None):
-            raise ConfigError("--p95 and --max-drop cannot change a search being resumed: it keeps the budgets it "
-                              "started with. Drop them, or start a new search.")
+        if resume and (p95 is not None or max_drop is not None or set_):
+            raise ConfigError("--p95, --max-drop and --set cannot change a search being resumed: it keeps the "
+                              "recipe and budgets it started with. Drop them, or start a new search.")
         prof = with_budgets(load_profile(profile), p95_latency_ms=p95, max_accuracy_drop=max_drop)
-        rec = load_recipe(recipe, prof)
+        rec = load_recipe(recipe, prof, set_ or [])
         search_dir = run_search(rec, prof, recipe_path=recipe, runs_dir=runs_dir, resume=resume, console=console,
                                 debug=DEBUG["on"])
     except ConfigError as e:
@@ -118,11 +124,13 @@ def _print_search(search_dir: Path, session_s: float) -> None:
 
 @app.command("check")
 def check_command(profile: Annotated[str, typer.Option(help="a name from profiles/ or a YAML path")] = "edge-cpu",
-                  recipe: Annotated[Path, typer.Option(help="what to compress")] = DEFAULT_RECIPE) -> None:
+                  recipe: Annotated[Path, typer.Option(help="what to compress")] = DEFAULT_RECIPE,
+                  set_: Annotated[Optional[list[str]], typer.Option("--set", help=SET_HELP)] = None) -> None:
     """Check in seconds what a run needs (configs, files, models, data, device): exit 0 ready, 2 not."""
     from pipeline.check import run_checks
     ready = run_checks(recipe, profile, lambda line: console.print(line, highlight=False, markup=False,
-                                                                   soft_wrap=True), debug=DEBUG["on"])
+                                                                   soft_wrap=True), debug=DEBUG["on"],
+                       sets=set_ or [])
     raise typer.Exit(0 if ready else 2)
 
 

@@ -14,7 +14,7 @@ from pydantic import (AfterValidator, BaseModel, Field, PrivateAttr, ValidationE
                       model_validator)
 
 import stages
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, first_line
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = ROOT / "profiles"
@@ -291,11 +291,12 @@ def load_profile(name_or_path: str) -> Profile:
     return profile
 
 
-def load_recipe(path: Path, profile: Profile | None = None) -> RecipeBase:
-    """Load a recipe (the profile's `overrides` win over its stage sections) and check everything a run reads:
-    its files, and every model built once on the meta device against the data's shape and class count."""
+def load_recipe(path: Path, profile: Profile | None = None, sets: list[str] = ()) -> RecipeBase:
+    """Load a recipe (the profile's `overrides` win over its stage sections, `sets` over both) and check
+    everything a run reads: its files, and every model built once on the meta device against the data's shape
+    and class count."""
     path = Path(path)
-    recipe = parse_recipe(path, profile)
+    recipe = parse_recipe(path, profile, sets)
     check_paths(path, recipe)
     classes = num_classes(recipe.data, path)
     for field, spec in model_specs(recipe).items():
@@ -303,8 +304,44 @@ def load_recipe(path: Path, profile: Profile | None = None) -> RecipeBase:
     return recipe
 
 
-def parse_recipe(path: Path, profile: Profile | None = None) -> RecipeBase:
-    """The recipe's settings with the profile's overrides, validated; an override's error names the profile."""
+def apply_sets(data: dict, sets: list[str]) -> set[tuple[str, ...]]:
+    """`--set KEY=VALUE` assignments (KEY a dotted recipe path, VALUE read as YAML) applied to a recipe's data in
+    place; returns the paths set. ConfigError names an assignment that is not KEY=VALUE."""
+    done = set()
+    for s in sets:
+        key, eq, value = s.partition("=")
+        parts = tuple(key.strip().split("."))
+        if not eq or not all(parts):
+            raise ConfigError(f"--set {s!r}: expected KEY=VALUE with KEY a dotted recipe path, e.g. "
+                              f"--set distill.method=dkd or --set 'models.student.kwargs={{hidden: [32]}}'.")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {s!r}: the value is not valid YAML ({first_line(e)}).") from None
+        node: Any = data
+        for i, k in enumerate(parts):
+            where = ".".join(parts[:i + 1])
+            if isinstance(node, list):  # tasks.1.weight, models.extra_teachers.0.arch
+                if not k.isdigit() or int(k) >= len(node):
+                    raise ConfigError(f"--set {s!r}: {where}: the recipe's list has {len(node)} item(s); index "
+                                      f"one of them (0 to {len(node) - 1}), or set the list whole.")
+                k = int(k)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set {s!r}: {'.'.join(parts[:i])} is a {type(node).__name__} in the recipe, "
+                                  f"not a section; set it whole: --set {'.'.join(parts[:i])}=...")
+            if i == len(parts) - 1:
+                node[k] = parsed
+            else:
+                if isinstance(node, dict) and node.get(k) is None:
+                    node[k] = {}
+                node = node[k]
+        done.add(parts)
+    return done
+
+
+def parse_recipe(path: Path, profile: Profile | None = None, sets: list[str] = ()) -> RecipeBase:
+    """The recipe's settings with the profile's overrides and the command line's `sets`, validated; an error in
+    an override names the profile, in a --set the assignment."""
     path = Path(path)
     data = _read_yaml(path)
     overridden: set[tuple[str, str]] = set()
@@ -319,13 +356,16 @@ def parse_recipe(path: Path, profile: Profile | None = None) -> RecipeBase:
                                   f"{type(section).__name__}.")
             data[stage] = {**(section or {}), **over}
             overridden.update((stage, key) for key in over)
+    cli = apply_sets(data, list(sets))
     try:
         recipe = recipe_model().model_validate(data)
     except ValidationError as e:
         errors = e.errors()
-        theirs = [x for x in errors if tuple(x["loc"][:2]) in overridden]
-        ours = [x for x in errors if x not in theirs]
-        parts = ([str(_explain(profile.where, theirs, "overrides."))] if theirs else []) + \
+        mine = [x for x in errors if any(tuple(map(str, x["loc"][:len(p)])) == p for p in cli)]
+        theirs = [x for x in errors if tuple(x["loc"][:2]) in overridden and x not in mine]
+        ours = [x for x in errors if x not in theirs and x not in mine]
+        parts = ([str(_explain("--set", mine))] if mine else []) + \
+            ([str(_explain(profile.where, theirs, "overrides."))] if theirs else []) + \
             ([str(_explain(path, ours))] if ours else [])
         raise ConfigError("\n".join(parts)) from None
     if recipe.tasks:

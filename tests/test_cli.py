@@ -62,3 +62,35 @@ def test_check_lists_every_check_and_exits_2_on_a_bad_recipe(tmp_path):
     assert res.exit_code == 2
     assert f"FAIL  models.student: {bad}: models.student.kwargs: arch 'mlp'" in res.stdout
     assert "ok    models.teacher:" in res.stdout and "Traceback" not in res.stdout + res.stderr
+
+
+# a short run of the default recipe, set from the command line only (prune and quantize off: not what is tested)
+SHORT = ["teacher.epochs=3", "distill.epochs=2", "prune.enabled=false", "quantize.enabled=false",
+         "benchmark={warmup: 2, min_runs: 10, min_duration_s: 0.02, throughput_duration_s: 0.02, "
+         "energy_window_s: 0.05}"]
+
+
+def test_dkd_and_dist_run_on_the_default_recipe_from_the_cli(tmp_path):
+    import json
+    for method in ("dkd", "dist"):
+        sets = [a for s in [*SHORT, f"distill.method={method}"] for a in ("--set", s)]
+        res = runner.invoke(app, ["run", "--runs-dir", str(tmp_path / method), *sets])
+        assert res.exit_code == 0, res.stdout + res.stderr
+        run = next(p for p in (tmp_path / method).iterdir() if p.is_dir() and not p.is_symlink())
+        report = json.loads((run / "report.json").read_text())
+        assert report["distill"]["method"] == method
+        assert json.loads((run / "recipe.json").read_text())["distill"]["method"] == method  # what ranks reread
+        assert 0 <= report["distill"]["acc_kd"] <= 1
+
+
+def test_a_bad_set_exits_2_naming_the_assignment_before_any_run(tmp_path):
+    for sets, says in ((["distill.method=dk"], "--set: 1 invalid setting(s):\n  distill.method:"),
+                       (["distill.methd=dkd"], "distill.methd: unknown key"),
+                       (["distill"], "--set 'distill': expected KEY=VALUE"),
+                       (["seed.x=1"], "seed is a int in the recipe, not a section")):
+        res = runner.invoke(app, ["run", "--runs-dir", str(tmp_path), *(a for s in sets for a in ("--set", s))])
+        assert res.exit_code == 2 and says in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr + res.stdout
+        check = runner.invoke(app, ["check", *(a for s in sets for a in ("--set", s))])
+        assert check.exit_code == 2 and "FAIL  recipe: " in check.stdout
+    assert not any(tmp_path.iterdir()), "a bad --set must not create a run"
