@@ -20,8 +20,8 @@ from pipeline.context import Context
 from pipeline.errors import StageError
 from pipeline.train import kd, models, tasks
 from pipeline.train.data import Split
-from pipeline.train.loop import (LossFn, TrainConfig, accuracy, device_of, fit, head_accuracy, seed_everything,
-                                 train_device)
+from pipeline.train.loop import (LossFn, StepCount, TrainConfig, accuracy, device_of, fit, head_accuracy,
+                                 seed_everything, train_device)
 from stages._common import (build_info, freeze, load_teachers, model_artifact, teacher_heads, teacher_logits,
                             train_augment)
 
@@ -60,8 +60,8 @@ class Config(TrainConfig):
     dkd_warmup_steps: int = Field(400, ge=0, description="dkd: the KD term ramps linearly from 0 over this many "
                                                          "optimizer steps (mdistiller: over its first 20 epochs; "
                                                          "the loss sees steps, not epochs: 400 is 20 epochs of "
-                                                         "the default digits recipe; the count starts with "
-                                                         "the loss, so a resumed fit ramps again); 0: no ramp")
+                                                         "the default digits recipe; a resumed fit continues "
+                                                         "its ramp); 0: no ramp")
     dist_beta: float = Field(1.0, ge=0, description="dist: weight of the inter-class relation (per sample)")
     dist_gamma: float = Field(1.0, ge=0, description="dist: weight of the intra-class relation (per class, across "
                                                      "the batch; the official code uses T=1: set temperature: 1)")
@@ -88,9 +88,11 @@ def run(inputs: Artifacts, cfg: Config, ctx: Context) -> Artifacts:
         # without augmentation the teacher's outputs on the training split never change: compute them once
         cache = None if aug is not None or cfg.mixup or cfg.method == "feature" else teacher_logits(teacher_fn,
                                                                                                     data.train)
-        net, loss = make_loss(cfg, student, teacher_fn, teachers[0], data.input_shape, cache, data.heads)
+        steps = StepCount()
+        net, loss = make_loss(cfg, student, teacher_fn, teachers[0], data.input_shape, cache, data.heads, steps)
         desc = f"student ({cfg.method} KD{f', gen {gen}' if gen > 1 else ''})"
-        h_kd = fit(net, mixed(loss, cfg.mixup, data.num_classes), desc=desc, resume=ctx.resume(desc), **train)
+        h_kd = fit(net, mixed(loss, cfg.mixup, data.num_classes), desc=desc, resume=ctx.resume(desc), steps=steps,
+                   **train)
         if isinstance(net, Hinted):
             net.detach_hook()
         if cfg.method == "self":
@@ -152,13 +154,14 @@ def ensemble_fn(teachers: list[nn.Module], T: float, heads: list[list[tasks.Head
 
 def make_loss(cfg: Config, student: nn.Module, teacher_fn: TeacherFn, teacher: nn.Module | None = None,
               input_shape: tuple[int, ...] = (), cache: torch.Tensor | None = None,
-              heads: list[tasks.Head] | None = None) -> tuple[nn.Module, LossFn]:
+              heads: list[tasks.Head] | None = None, steps: StepCount | None = None) -> tuple[nn.Module, LossFn]:
     """The module fit() trains (the student, or student + hint adapter) and the per-batch KD loss of cfg.method.
 
     `teacher` and `input_shape` are needed by `feature` only (hooks on the teacher, a probe to size the adapter).
     `cache`: the teacher's logits for every training sample, looked up by the batch indices fit() passes (only
     valid when batches are not augmented). `heads` (recipe tasks): the loss is the weighted sum over heads of the
     method's loss on each head's logits and labels (config.check_tasks admits only methods that split so).
+    `steps`: the loss counts its calls there (DKD's warm-up); give the same one to fit() so a resume continues it.
     """
     T, alpha = cfg.temperature, cfg.alpha
     if cfg.method == "feature":
@@ -176,13 +179,13 @@ def make_loss(cfg: Config, student: nn.Module, teacher_fn: TeacherFn, teacher: n
             t_adv = t if cfg.adv_target == "clean" else teacher_fn(x_adv)
             return kd.hinton(m(torch.cat([x, x_adv])), torch.cat([t, t_adv]), torch.cat([y, y]), T, alpha).mean()
         return student, loss
-    steps = [0]  # fit() calls the loss once per optimizer step (dkd's warm-up counts them)
+    steps = steps or StepCount()  # fit() calls the loss once per optimizer step (dkd's warm-up counts them)
     if cfg.method == "dynamic":
         def head(out, t, y):
             return kd.hinton(out, t, y, T, kd.dynamic_alpha(t, T, alpha)).mean()
     elif cfg.method == "dkd":
         def head(out, t, y):
-            warm = min(steps[0] / cfg.dkd_warmup_steps, 1.0) if cfg.dkd_warmup_steps else 1.0
+            warm = min(steps.n / cfg.dkd_warmup_steps, 1.0) if cfg.dkd_warmup_steps else 1.0
             target = y.argmax(1) if y.dim() == 2 else y  # mixup's soft labels: the larger share is the target
             return (cfg.ce_weight * F.cross_entropy(out, y, reduction="none")
                     + warm * kd.dkd(out, t, target, T, cfg.dkd_alpha, cfg.dkd_beta)).mean()
@@ -195,7 +198,7 @@ def make_loss(cfg: Config, student: nn.Module, teacher_fn: TeacherFn, teacher: n
     fn = tasks.per_head(head, heads or [])  # with tasks: sum over heads of weight x the method's loss
 
     def loss(m, x, y, idx):
-        steps[0] += 1
+        steps.n += 1
         return fn(m(x), t_of(x, idx), y)
     return student, loss
 

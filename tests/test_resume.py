@@ -106,3 +106,31 @@ def test_a_checkpoint_from_other_settings_is_never_used(tmp_path):
     path.write_bytes(b"\x00" * 100)
     assert fit(models.build(spec, 1, 10, 8), loss, data.train, data.val, cfg, seed=0, desc="a",
                resume=Resume(path, "k2"))["epochs_run"] == 2
+
+
+def test_a_resumed_fit_continues_the_loss_step_count_that_dkd_warm_up_reads(tmp_path):
+    from pipeline.config import DataConfig
+    from pipeline.train.data import load_splits
+    from pipeline.train.loop import Resume, StepCount, TrainConfig, fit
+    import torch.nn.functional as F
+
+    data = load_splits(DataConfig(), seed=0)
+    cfg = TrainConfig(epochs=3, lr=0.01, batch_size=256)
+
+    def run(stop_at: int | None, steps: StepCount, seen: list[int]) -> None:
+        def loss(m, x, y, _):
+            steps.n += 1  # as distill.make_loss's loss counts
+            if steps.n == stop_at:
+                raise KeyboardInterrupt  # the process dies mid-epoch 2; epoch 1's checkpoint is on disk
+            seen.append(steps.n)
+            return F.cross_entropy(m(x), y)
+        torch.manual_seed(0)
+        fit(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), loss, data.train, data.val, cfg,
+            seed=0, desc="dkd", resume=Resume(tmp_path / "fit.pt", "k"), steps=steps)
+
+    seen: list[int] = []
+    with pytest.raises(KeyboardInterrupt):
+        run(stop_at=8, steps=StepCount(), seen=seen)
+    run(stop_at=None, steps=StepCount(), seen=seen)  # a new process: a fresh count, restored from the checkpoint
+    # 5 steps an epoch (1,221 training images, batches of 256): the rerun continues at step 6, not at 1
+    assert seen == [1, 2, 3, 4, 5, 6, 7] + list(range(6, 16))

@@ -181,7 +181,8 @@ class Resume:
 
 def fit(model: nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: TrainConfig, *, seed: int, desc: str,
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None, log: Callable[[str], None] | None = None,
-        console=None, resume: Resume | None = None, heads: list[str] | None = None) -> dict:
+        console=None, resume: Resume | None = None, heads: list[str] | None = None,
+        steps: StepCount | None = None) -> dict:
     """Train in place; keep the weights of the best validation epoch (or the last: cfg.keep). Returns the history.
 
     loss_fn(model, xb, yb, idx) gets the batch indices so KD methods can look up precomputed teacher outputs.
@@ -191,6 +192,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: TrainC
     when a checkpoint with the same key exists, continue after its last finished epoch (bit for bit on CPU).
     `console`: a rich Console for the progress bar (rank 0 only); `log`: one summary line when done.
     `heads`: the tasks the model predicts when not every task (a teacher of some tasks): what validation reads.
+    `steps`: the loss's own step count (it counts its calls, one per optimiser step), set to the steps already
+    taken when a checkpoint is restored, so a loss that changes over training continues where it stopped.
     """
     # 1) seed, threads, device, precision
     seed_everything(seed)
@@ -212,6 +215,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: TrainC
     g = torch.Generator().manual_seed(seed)
     state = _TrainState()
     done = _restore(resume, model, opt, keeper, prec, g, state, dev)
+    if steps is not None:
+        steps.n = state.step
     bar = _Bar(console if rank == 0 and done is None else None, desc, cfg.epochs)
     try:
         # 3) epochs: train, validate, keep, checkpoint
@@ -247,6 +252,12 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: TrainC
                          f"({keeper.chance:.3f}). This is a failed run, not a result: lower the LR, raise "
                          f"warmup_epochs, or lower the temperature/alpha.")
     return done
+
+
+@dataclass
+class StepCount:
+    """Optimiser steps a loss has been called for (DKD's warm-up ramp reads it); fit() restores it on resume."""
+    n: int = 0
 
 
 @dataclass
