@@ -32,7 +32,9 @@ from pipeline.context import Context
 from pipeline.errors import ConfigError, StageError
 
 BENCH_RECIPE = RECIPES_DIR / "digits-64.yaml"
-TARGETS = {"max_drop_points": 0.3, "min_speedup": 1.5}
+# issue 14: on a student where MinMax loses at least 1 point, the best INT8 row ends within 0.3 points of FP32
+# and at least 1.5x faster than it
+TARGETS = {"min_minmax_drop_points": 1.0, "max_drop_points": 0.3, "min_speedup": 1.5}
 METHODS = ["minmax", "entropy", "percentile"]
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -169,12 +171,17 @@ def _score(run_dir: Path, rows: list[dict], rec, prof) -> dict[str, Any]:
                     **({"qat": {k: q["qat"][k] for k in ("epochs", "lr", "history", "kept_epoch")}} if "qat" in q else {})})
     int8 = out[1:]
     pick = max(int8, key=lambda r: r["val_acc"])  # chosen on validation, never on test; ties: the simplest
-    met = pick["drop_points"] <= TARGETS["max_drop_points"] + 1e-9 and pick["speedup"] >= TARGETS["min_speedup"]
+    minmax = next(r for r in int8 if r["row"] == "minmax")
+    # the target is about winning back what MinMax loses: on a student where it loses little, it shows nothing
+    applies = minmax["drop_points"] >= TARGETS["min_minmax_drop_points"] - 1e-9
+    met = applies and pick["drop_points"] <= TARGETS["max_drop_points"] + 1e-9 and pick["speedup"] >= TARGETS["min_speedup"]
     from pipeline.device.envinfo import cpu_info
     return {"run_id": run_dir.name, "run_dir": str(run_dir), "recipe": rec.name, "profile": prof.name,
             "source": rows[0]["artifact"], "cpu": cpu_info(), "rows": out,
             "budget_per_stage": rec.max_accuracy_drop_per_stage, "test_samples": rows[1]["meta"]["test_samples"],
             "target": {"row": pick["row"], "picked_by": "validation accuracy (ties: the row listed first)",
+                       "min_minmax_drop_points": TARGETS["min_minmax_drop_points"],
+                       "minmax_drop_points": minmax["drop_points"], "applies": applies,
                        "max_drop_points": TARGETS["max_drop_points"], "min_speedup": TARGETS["min_speedup"],
                        "drop_points": pick["drop_points"], "speedup": pick["speedup"], "met": met},
             "latency_note": f"onnxruntime CPU, batch 1, p50 at the fastest of threads {prof.target.threads}, "
@@ -198,7 +205,9 @@ def _print(result: dict, path: Path) -> None:
                       f"{r['speedup']:.2f}x")
     console.print(table)
     t = result["target"]
-    console.print(f"target on '{t['row']}' (picked by {t['picked_by']}): drop {t['drop_points']:.2f} <= "
+    console.print(f"target: MinMax drop {t['minmax_drop_points']:.2f} >= {t['min_minmax_drop_points']} points "
+                  f"({'so the target applies' if t['applies'] else 'NOT: this student does not show it'}); on "
+                  f"'{t['row']}' (picked by {t['picked_by']}): drop {t['drop_points']:.2f} <= "
                   f"{t['max_drop_points']} points and speedup {t['speedup']:.2f} >= {t['min_speedup']}x: "
                   f"{'[green]met[/]' if t['met'] else '[red]NOT met[/]'}; one test image is {100 / n:.2f} points")
     load = result["load_avg"]

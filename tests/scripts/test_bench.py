@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -46,3 +48,32 @@ def test_the_test_set_size_is_the_rows_accuracy_n_field():
             {"accuracy_n": 360, "accuracy_source": "measured: on the test split (n=999)"}]
     assert _n(rows) == 360
     assert _n([{"accuracy_source": "measured: on the test split (n=999)"}]) == 0  # never read back from text
+
+
+def _quant_rows(test_accs: list[float], val_accs: list[float], p50s: list[float]) -> list[dict]:
+    """bench_quant rows as bench() hands them to _score: FP32 first, then minmax and the others."""
+    rows = [{"row": "FP32", "path": Path("r/s.onnx"), "artifact": "s.onnx", "meta": {}}]
+    for name, acc, val in zip(["minmax", "best calibration", "+ exclusion"], test_accs[1:], val_accs[1:]):
+        rows.append({"row": name, "path": Path(f"r/{name}/s.int8.onnx"), "artifact": "s.int8.onnx", "meta": {
+            "source_test_acc": test_accs[0], "test_acc": acc, "agreement_vs_source": 0.99, "test_samples": 800,
+            "calibrate_method": "minmax", "quant": {"validation": {"source_val_acc": val_accs[0],
+                                                                   "chosen_val_acc": val}}}})
+    for r, p50 in zip(rows, p50s):
+        r["latency_ms"] = {"1": {"p50": p50}, "2": {"p50": 2 * p50}}
+    return rows
+
+
+def test_bench_quant_picks_on_validation_and_needs_minmax_to_lose_a_point():
+    from pipeline.config import load_profile
+    from scripts.bench_quant import _score
+    rec, prof = SimpleNamespace(name="r", max_accuracy_drop_per_stage=0.01), load_profile("edge-cpu")
+    # the row best on test (+ exclusion) is not picked: best calibration is better on validation
+    t = _score(Path("r"), _quant_rows([0.98, 0.965, 0.978, 0.980], [0.97, 0.95, 0.975, 0.97], [3.0, 1.0, 1.0, 1.5]),
+               rec, prof)["target"]
+    assert t["row"] == "best calibration" and t["drop_points"] == pytest.approx(0.2)
+    assert t["applies"] and t["minmax_drop_points"] == pytest.approx(1.5) and t["speedup"] == pytest.approx(3.0)
+    assert t["met"]
+    # within 0.3 points and 3x faster, but MinMax lost only 0.5 points: nothing was won back, so not met
+    t = _score(Path("r"), _quant_rows([0.98, 0.975, 0.978, 0.98], [0.97, 0.96, 0.975, 0.97], [3.0, 1.0, 1.0, 1.0]),
+               rec, prof)["target"]
+    assert not t["applies"] and not t["met"]
