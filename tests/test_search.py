@@ -270,7 +270,7 @@ def test_pareto_marks_the_non_dominated_points():
 def test_cli_refuses_budgets_on_resume_and_a_missing_search(tmp_path):
     done = subprocess.run(_cli("--resume", "--p95", "1", "--runs-dir", str(tmp_path)), cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "keeps the budgets it started with" in done.stderr
+    assert done.returncode == 2 and "keeps the recipe and budgets it started with" in done.stderr
     assert "Traceback" not in done.stderr
     done = subprocess.run(_cli("--resume", "--runs-dir", str(tmp_path)), cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
