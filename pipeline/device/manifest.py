@@ -142,6 +142,8 @@ def check(bundle: str | Path, here: dict | None = None) -> tuple[list[str], list
     """
     manifest, have, refused = read(bundle)
     problems = list(refused.values())
+    archive, archive_warnings = archive_digest(Path(bundle))
+    problems += archive
     listed = manifest.get("files")
     if not isinstance(listed, dict) or not listed:
         raise NotABundle(f"{bundle}: {MANIFEST} lists no files (no 'files' mapping of path to sha256).")
@@ -167,15 +169,41 @@ def check(bundle: str | Path, here: dict | None = None) -> tuple[list[str], list
     versions = manifest.get("versions")
     want_ort = versions.get("onnxruntime") if isinstance(versions, dict) else None
     if not isinstance(want_ort, str):
-        return problems, []
+        return problems, archive_warnings
     here = runtime() if here is None else here
     if here.get("onnxruntime") is None:
-        return problems, [f"onnxruntime is not installed here; the figures were measured with {want_ort} "
-                          f"(pip install onnxruntime=={want_ort}, or onnxruntime-gpu on a GPU)"]
+        return problems, archive_warnings + [
+            f"onnxruntime is not installed here; the figures were measured with {want_ort} "
+            f"(pip install onnxruntime=={want_ort}, or onnxruntime-gpu on a GPU)"]
     if _major_minor(want_ort) != _major_minor(here["onnxruntime"]):
-        return problems, [f"onnxruntime {here['onnxruntime']} here, {want_ort} in the manifest: outputs and "
-                          f"timings may differ from the shipped figures"]
-    return problems, []
+        return problems, archive_warnings + [
+            f"onnxruntime {here['onnxruntime']} here, {want_ort} in the manifest: outputs and timings may differ "
+            f"from the shipped figures"]
+    return problems, archive_warnings
+
+
+def digest_path(archive: Path) -> Path:
+    """<bundle>.tar.gz.sha256 beside the archive, in `sha256sum` format: ship writes it."""
+    return archive.with_name(archive.name + ".sha256")
+
+
+def archive_digest(bundle: Path) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of an archive against its .sha256: the one check that covers manifest.json itself,
+    which cannot list its own checksum. A folder, or an archive without the file, is only warned about."""
+    if not bundle.is_file():
+        return [], []
+    side = digest_path(bundle)
+    if not side.is_file():
+        return [], [f"no {side.name} beside the archive: manifest.json itself is unchecked (pipeline ship writes "
+                    f"one; `sha256sum -c` reads it too)"]
+    want = (side.read_text(errors="replace").split() or [""])[0].lower()
+    if not SHA256.fullmatch(want):
+        return [f"{side.name}: not a sha256 line ('<64 hex digits>  {bundle.name}'); ship the bundle again"], []
+    got = sha256_file(bundle)
+    if got != want:
+        return [f"{bundle.name}: sha256 {got[:16]}… differs from {side.name}'s {want[:16]}…: the archive changed "
+                f"after shipping (its manifest.json included: a corrupt copy or an edit); ship it again"], []
+    return [], []
 
 
 def _major_minor(v: str) -> tuple[str, ...]:

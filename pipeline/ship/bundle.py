@@ -26,9 +26,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from pipeline.artifacts import files
+from pipeline.artifacts import atomic_write_text, files
 from pipeline.config import DataConfig, Profile, load_profile
 from pipeline.device import manifest as mf
+from pipeline.device.hashing import sha256_file
 from pipeline.device.measure import BenchSettings
 from pipeline.device.trtexec import TrtVersion, precision_flags
 from pipeline.errors import ConfigError
@@ -78,7 +79,11 @@ def ship(run_dir: Path, profile: Profile | str, out_dir: Path, to: str | None = 
             os.replace(part, final)
         finally:
             part.unlink(missing_ok=True)
-    log(f"wrote {final} ({final.stat().st_size / 1024:.1f} KiB): {', '.join(names)}")
+    # the archive's own sha256, beside it (`sha256sum -c` format): manifest.json cannot list its own checksum,
+    # so this is what catches an edit to it; verify reads it, send copies it
+    digest = sha256_file(final)
+    atomic_write_text(mf.digest_path(final), f"{digest}  {final.name}\n")
+    log(f"wrote {final} ({final.stat().st_size / 1024:.1f} KiB, sha256 {digest[:16]}…): {', '.join(names)}")
     # 4) to the device, verified there
     if to:
         log(send(final, to, prof))
@@ -235,6 +240,8 @@ def device_readme(name: str, report: dict, prof: Profile, models: list[dict], sp
              "## 1. Verify first", "", f"    {shlex.join(device_command('python3', 'manifest', 'verify', '.'))}", "",
              "Recomputes every sha256 in manifest.json, refuses any file it does not list (and any link, device "
              "or FIFO), and compares onnxruntime with the version the figures were measured with (a warning). "
+             f"manifest.json cannot list its own checksum: the archive's is in `{name}.tar.gz.sha256` beside it "
+             f"(`sha256sum -c {name}.tar.gz.sha256`, or the command above given `../{name}.tar.gz`). "
              "Do not use a bundle that does not verify. The commands here put the bundle folder last on "
              "sys.path (and -B writes no __pycache__ into it), so no file in it can stand in for a module "
              "Python or numpy provides.", ""]
@@ -309,10 +316,15 @@ def send(bundle: Path, to: str, prof: Profile) -> str:
     folder = bundle.name.removesuffix(".tar.gz")
     try:
         target = sshlink.resolve_path(remote, remote_dir).rstrip("/") or "/"
-        sshlink.put(remote, [bundle], target)
+        digest = mf.digest_path(bundle)
+        sshlink.put(remote, [bundle] + ([digest] if digest.is_file() else []), target)
         sshlink.run(remote, ["tar", "-xzf", bundle.name], cwd=target)
-        proc = sshlink.run(remote, device_command(remote.python, "manifest", "verify", "."),
+        # the archive first (with its .sha256: manifest.json included), then the unpacked folder the device uses
+        proc = sshlink.run(remote, device_command(remote.python, "manifest", "verify", f"../{bundle.name}"),
                            cwd=f"{target}/{folder}", check=False)
+        if proc.returncode == 0:
+            proc = sshlink.run(remote, device_command(remote.python, "manifest", "verify", "."),
+                               cwd=f"{target}/{folder}", check=False)
     except (sshlink.RemoteError, ValueError, FileNotFoundError) as e:
         raise ShipError(f"copying {bundle.name} to {remote.destination}:{remote_dir} failed: {e}") from None
     out = (proc.stdout + proc.stderr).strip()

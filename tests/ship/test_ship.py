@@ -321,3 +321,29 @@ def test_a_manifest_sha256_of_the_wrong_type_is_a_clean_refusal(shippable, tmp_p
     assert "not 64 hex digits" in problems[0]
     res = cli.invoke(app, ["verify", str(folder)])
     assert res.exit_code == 1 and "Traceback" not in res.output
+
+
+# ---------------------------------------------------------------- manifest.json itself: the archive's own sha256
+def test_an_edited_manifest_is_refused_by_the_archive_sha256_beside_it(shippable, tmp_path):
+    import hashlib
+    _, _, bundle = shippable
+    side = bundle.with_name(bundle.name + ".sha256")
+    assert side.read_text() == f"{hashlib.sha256(bundle.read_bytes()).hexdigest()}  {bundle.name}\n"  # sha256sum -c
+    assert verify(bundle) == []
+    # one field of the manifest that lists no file (the preprocessing the device applies), edited and repacked
+    folder = _unpack(bundle, tmp_path / "x")
+    manifest = json.loads((folder / mf.MANIFEST).read_text())
+    manifest["preprocessing"]["mean"] = [0.0]
+    (folder / mf.MANIFEST).write_text(json.dumps(manifest, indent=1))
+    assert verify(folder) == []  # the unpacked folder cannot tell: nothing lists manifest.json's checksum
+    edited = _repack(folder, tmp_path / bundle.name)
+    shutil.copy(side, tmp_path / side.name)
+    problems = verify(edited)
+    assert len(problems) == 1 and "differs from" in problems[0] and "manifest.json included" in problems[0]
+    # the device's own verify (the README's command) given the archive says the same, exit 1
+    cmd = _readme_command(folder, "manifest")
+    done = subprocess.run([*cmd[:-1], str(edited)], cwd=folder, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "REFUSED: " + bundle.name in done.stdout, done.stdout + done.stderr
+    (tmp_path / side.name).unlink()  # without the .sha256: verified, with a warning that says what is unchecked
+    warns: list[str] = []
+    assert verify(edited, warns) == [] and any("manifest.json itself is unchecked" in w for w in warns)
