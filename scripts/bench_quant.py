@@ -10,7 +10,8 @@ stage, each in a folder of its own under <run>/bench-quant/:
 Accuracy: the test split through onnxruntime CPU. Latency: batch 1, every model at every thread count of the
 profile, all sessions timed interleaved (pipeline/device/ortbench.time_interleaved); each row shows its p50
 at its fastest thread count. The target is checked on the INT8 row most accurate on VALIDATION (ties: the
-simplest, listed first), never picked by its test accuracy. Results go to bench-results/quant-<run id>.json.
+simplest, listed first), never picked by its test accuracy, and applies only where MinMax loses at least 1
+point (target.applies). Results go to bench-results/quant-<run id>.json.
 """
 from __future__ import annotations
 
