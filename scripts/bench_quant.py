@@ -175,7 +175,8 @@ def _score(run_dir: Path, rows: list[dict], rec, prof) -> dict[str, Any]:
     minmax = next(r for r in int8 if r["row"] == "minmax")
     # the target is about winning back what MinMax loses: on a student where it loses little, it shows nothing
     applies = minmax["drop_points"] >= TARGETS["min_minmax_drop_points"] - 1e-9
-    met = applies and pick["drop_points"] <= TARGETS["max_drop_points"] + 1e-9 and pick["speedup"] >= TARGETS["min_speedup"]
+    met = (applies and pick["drop_points"] <= TARGETS["max_drop_points"] + 1e-9
+           and pick["speedup"] >= TARGETS["min_speedup"])
     from pipeline.device.envinfo import cpu_info
     return {"run_id": run_dir.name, "run_dir": str(run_dir), "recipe": rec.name, "profile": prof.name,
             "source": rows[0]["artifact"], "cpu": cpu_info(), "rows": out,
