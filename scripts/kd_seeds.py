@@ -26,7 +26,7 @@ import yaml
 from PIL import Image
 from rich.console import Console
 
-from pipeline.config import DEFAULT_RECIPE, load_profile, recipe_model
+from pipeline.config import DEFAULT_RECIPE, apply_sets, load_profile, recipe_model
 from pipeline.context import Context
 from pipeline.runner import Runner
 from stages import distill
@@ -39,15 +39,6 @@ from stages import distill
 DIGITS32 = {"version": 1, "image_size": 32, "seed": 0, "test_fraction": 0.2, "glyph_px": [18, 26],
             "rotation_deg": 10.0, "min_luma_contrast": 80.0, "noise_std": 10.0}
 MARKER = "digits32.json"  # written last: a folder without it (or with other settings) is not one of ours, or partial
-
-
-def _override(data: dict, assignment: str) -> None:
-    path, _, value = assignment.partition("=")
-    *parents, leaf = path.strip().split(".")
-    node = data
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[leaf] = yaml.safe_load(value)
 
 
 def main() -> None:
@@ -63,8 +54,7 @@ def main() -> None:
     base = yaml.safe_load(args.recipe.read_text())
     if (base.get("data") or {}).get("root") is not None:  # relative to the recipe file, as `pipeline run` reads it
         base["data"]["root"] = str((args.recipe.resolve().parent / base["data"]["root"]).resolve())
-    for a in args.set:
-        _override(base, a)
+    apply_sets(base, args.set)  # the same KEY=VALUE as `pipeline run --set`
     if args.make_data:
         if not (base.get("data") or {}).get("root"):
             ap.error(f"--make-data writes the images at data.root, and {args.recipe} has none: use "
@@ -81,8 +71,7 @@ def main() -> None:
             teacher_out = runner.run(until="teacher")
             for v in variants:
                 data = copy.deepcopy({**base, "seed": seed})
-                for a in filter(None, v.split(";")):
-                    _override(data, a)
+                apply_sets(data, [a for a in v.split(";") if a])
                 rec = recipe_model().model_validate(data)
                 ctx = Context(run_dir=Path(tmp), recipe=rec, profile=profile, console=console)
                 t0 = time.perf_counter()

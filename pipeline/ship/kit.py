@@ -79,8 +79,8 @@ def stage_kit(kit: Path, models: list[ModelEntry], data: Splits, refs: dict[str,
     copy_payload(kit, [m.path for m in models])
     x, y = data.test.arrays(limit=n_test or DEVICE_TEST_IMAGES)
     n = len(y)
-    # with tasks the device's rows judge the first task's head (the first output): its labels and references
-    first = (lambda a: a[:, 0] if a.ndim == 2 else a)
+    def first(a: np.ndarray) -> np.ndarray:  # with tasks the device judges the first task's head (first output)
+        return a[:, 0] if a.ndim == 2 else a
     np.savez(kit / "data" / "test_batch.npz", x=x, y=first(y), **{f"ref_{k}": first(v)[:n] for k, v in refs.items()})
     listed = checksums(kit)
     manifest = {"kind": "benchmark-kit", "run_id": ctx.run_dir.name, "files": listed,
