@@ -6,7 +6,8 @@ RECIPE  ?= recipes/digits.yaml
 RESUME  ?= 0
 NPROC   ?= 1
 SET     ?=
-# SET="distill.method=dkd distill.epochs=50": recipe settings for this run (pipeline --set, README: Recipes)
+# SET="distill.method=dkd distill.epochs=50": recipe settings for this run (pipeline --set, README: Recipes);
+# split at spaces, so a value with spaces (a YAML list or mapping) goes to `pipeline run --set` directly
 SETS     = $(foreach s,$(SET),--set '$(s)')
 RUN     ?= runs/latest
 BIN     := $(VENV)/bin
