@@ -114,10 +114,10 @@ def _data(path: Path, rec: RecipeBase) -> tuple[str, tuple[np.ndarray, int]]:
 def _task_labels(rec: RecipeBase) -> bool:
     """Every image of the folder has a row in every tasks CSV (the first one missing is named), as the run needs."""
     from pipeline.train.data import _imagefolder
-    from pipeline.train.tasks import head_labels, make_heads, read_csv
+    from pipeline.train.tasks import head_labels, make_heads, read_csvs
     parts, classes = _imagefolder(rec.data)
     heads = make_heads(rec.tasks, classes)
-    csvs = {h.labels: read_csv(Path(h.labels)) for h in heads if h.labels.endswith(".csv")}
+    csvs = read_csvs(heads)
     for paths, y in parts.values():
         head_labels(heads, y, [p.relative_to(rec.data.root).as_posix() for p in paths], csvs)
     return True

@@ -349,8 +349,8 @@ def load_splits(cfg: DataConfig, seed: int, run_dir: Path | None = None, tasks: 
 
     heads = _heads(tasks or [], classes)
     if heads:
-        from pipeline.train.tasks import head_labels, read_csv
-        csvs = {h.labels: read_csv(Path(h.labels)) for h in heads if h.labels.endswith(".csv")}
+        from pipeline.train.tasks import head_labels, read_csvs
+        csvs = read_csvs(heads)
         parts = {k: (images, head_labels(heads, y, ids, csvs), ids) for k, (images, y, ids) in parts.items()}
     workers = usable_cores() if cfg.workers is None else cfg.workers
     mean, std, source = _mean_std(cfg, parts["train"][0], seed, workers)

@@ -82,6 +82,11 @@ def make_heads(tasks, primary: list[str]) -> list[Head]:
     return [Head(t.name, task_classes(t.labels, primary), t.weight, t.labels) for t in tasks]
 
 
+def read_csvs(heads: list[Head]) -> dict[str, dict[str, str]]:
+    """Every CSV task's rows, read once for all splits (head_labels' `csvs`)."""
+    return {h.labels: read_csv(Path(h.labels)) for h in heads if h.labels.endswith(".csv")}
+
+
 def head_labels(heads: list[Head], y: np.ndarray, ids: list[str], csvs: dict[str, dict[str, str]]) -> np.ndarray:
     """(N, tasks) labels for one split from its class labels y and its image ids (paths relative to data.root)."""
     cols = []
