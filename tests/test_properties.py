@@ -165,6 +165,22 @@ def test_a_null_cpu_flag_in_report_json_is_rendered_or_refused(run_files, tmp_pa
     assert_clean(runner.invoke(app, ["report", str(tmp_path)]))
 
 
+# what the gate property test found in CI: a list where report.md's distill lines expect a count
+@pytest.mark.slow
+@pytest.mark.parametrize("field,value", [("teachers", [False, None, 400]), ("teacher_of", ["a"]),
+                                         ("generations", [{"generation": "x"}]), ("heads", {"digit": [1]}),
+                                         ("attack", {"eps": 1})])
+def test_a_mistyped_distill_field_is_refused_by_the_schema(run_files, tmp_path, field, value):
+    report = json.loads(run_files["report.json"])
+    report["distill"][field] = value
+    for name, raw in run_files.items():
+        (tmp_path / name).write_bytes(raw)
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    for args in (["gate", str(tmp_path)], ["report", str(tmp_path)]):
+        res = runner.invoke(app, args)
+        assert_clean(res, codes=(3,))
+        assert f"distill/{field}" in res.stdout + res.stderr
+
 # ---------------------------------------------------------------- bundles -> pipeline verify
 @pytest.fixture(scope="module")
 def bundle(real_run, tmp_path_factory) -> bytes:
