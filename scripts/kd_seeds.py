@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
-from PIL import Image
 from rich.console import Console
 
 from pipeline.config import DEFAULT_RECIPE, apply_sets, load_profile, recipe_model
@@ -31,14 +28,8 @@ from pipeline.context import Context
 from pipeline.runner import Runner
 from stages import distill
 
-# --make-data: each of scikit-learn's 1,797 8x8 digits drawn once into a 32x32 RGB image, at a seeded random size,
-# angle and place, in two random colours with Gaussian pixel noise: a task a small net does not solve in a few
-# steps, so a teacher has something to pass on (README: Distillation). Stronger noise (16) and rotation (15 deg)
-# kept the nets at chance for longer than this host affords. The drawing is fixed (its own seed); the --seeds vary
-# the training, the val split and the teacher.
-DIGITS32 = {"version": 1, "image_size": 32, "seed": 0, "test_fraction": 0.2, "glyph_px": [18, 26],
-            "rotation_deg": 10.0, "min_luma_contrast": 80.0, "noise_std": 10.0}
-MARKER = "digits32.json"  # written last: a folder without it (or with other settings) is not one of ours, or partial
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script, or imported as scripts.kd_seeds
+from digit_images import write_digits32
 
 
 def main() -> None:
@@ -109,51 +100,6 @@ def _sd(values: list[float]) -> float:
 def _se(values: list[float]) -> float:
     """Standard error of the mean (sample standard deviation / sqrt(n)); nan below two values."""
     return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
-
-
-def write_digits32(root: Path) -> str:
-    """scikit-learn's digits as root/{train,test}/<digit>/<index>.png, drawn as DIGITS32 says: 'written' or
-    'reused' (the marker holds the same settings). Refuses a non-empty folder it did not write."""
-    marker = root / MARKER
-    if marker.is_file():
-        if json.loads(marker.read_text()) == DIGITS32:
-            return "reused"
-        shutil.rmtree(root)  # ours, drawn with other settings: redraw
-    elif root.is_dir() and any(root.iterdir()):
-        raise SystemExit(f"--make-data: {root} is not empty and has no {MARKER}: it is not a folder this script "
-                         f"wrote. Point data.root elsewhere (--set data.root=DIR), or empty it.")
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    digits, p = load_digits(), DIGITS32
-    rng = np.random.default_rng(p["seed"])
-    index = np.arange(len(digits.target))
-    train, test = train_test_split(index, test_size=p["test_fraction"], stratify=digits.target,
-                                   random_state=p["seed"])
-    for part, ids in (("train", train), ("test", test)):
-        for i in sorted(ids):
-            folder = root / part / str(digits.target[i])
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(_draw(digits.images[i] / 16.0, rng)).save(folder / f"{i:04d}.png")
-    marker.write_text(json.dumps(DIGITS32))
-    return "written"
-
-
-def _draw(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One 8x8 digit (0..1) as a size x size uint8 RGB image."""
-    p, size = DIGITS32, DIGITS32["image_size"]
-    side = int(rng.integers(p["glyph_px"][0], p["glyph_px"][1] + 1))
-    glyph = Image.fromarray((digit * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR)
-    glyph = glyph.rotate(float(rng.uniform(-p["rotation_deg"], p["rotation_deg"])), Image.BILINEAR)
-    canvas = Image.new("L", (size, size))
-    canvas.paste(glyph, (int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))))
-    ink = np.asarray(canvas, np.float32)[..., None] / 255
-    luma = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601: the digit must stand out in brightness, either way
-    while True:
-        back, fore = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-        if abs((fore - back) @ luma) >= p["min_luma_contrast"]:
-            break
-    image = back * (1 - ink) + fore * ink + rng.normal(0, p["noise_std"], (size, size, 3))
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,17 @@
 """scripts/kd_seeds.py, the source of the README's gap-closed figures: one row per seed and variant, then means;
---make-data's 32x32 ImageFolder."""
+the imagefolder-32 recipe on --make-data's 32x32 ImageFolder."""
 from __future__ import annotations
 
-import json
 import re
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
 import yaml
-from PIL import Image
 
 from pipeline.config import RECIPES_DIR, load_recipe
-from scripts.kd_seeds import DIGITS32, MARKER, write_digits32
+from scripts.digit_images import write_digits32
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,33 +43,6 @@ def test_rows_per_seed_and_variant_then_means_over_seeds():
             assert abs(float(sd[i]) - statistics.stdev(float(r[i + 1]) for r in variant_rows)) < 2e-4
         diff = [float(r[2]) - float(r[3]) for r in variant_rows]
         assert abs(float(sd[3]) - statistics.mean(diff)) < 2e-4 and abs(float(sd[4]) - statistics.stdev(diff)) < 2e-4
-
-
-def test_make_data_draws_the_digits_as_a_32x32_colour_imagefolder_once(tmp_path):
-    root = tmp_path / "digits-32"
-    assert write_digits32(root) == "written"
-    counts = {part: {c.name: len(list(c.glob("*.png"))) for c in (root / part).iterdir()} for part in ("train", "test")}
-    assert sorted(counts["train"]) == sorted(counts["test"]) == [str(d) for d in range(10)]
-    assert sum(counts["train"].values()) + sum(counts["test"].values()) == 1797  # each digit drawn once
-    assert sum(counts["test"].values()) == 360  # 20 %, rounded up as scikit-learn rounds
-    first = sorted((root / "test" / "3").glob("*.png"))[0]
-    image = np.asarray(Image.open(first))
-    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
-    # coloured, not grey: the channels differ
-    assert np.abs(image[..., 0].astype(int) - image[..., 1]).mean() > 1
-    # a second call keeps the folder; a marker with other settings is redrawn, to the same bytes
-    before = first.read_bytes()
-    assert write_digits32(root) == "reused"
-    (root / MARKER).write_text(json.dumps({**DIGITS32, "noise_std": 0}))
-    assert write_digits32(root) == "written" and first.read_bytes() == before
-
-
-def test_make_data_refuses_a_folder_it_did_not_write(tmp_path):
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "photo.png").write_bytes(b"")
-    with pytest.raises(SystemExit, match="not a folder this script wrote"):
-        write_digits32(tmp_path / "mine")
-    assert (tmp_path / "mine" / "photo.png").exists()
 
 
 def test_imagefolder_32_recipe_loads_on_the_drawn_digits(tmp_path):
