@@ -120,7 +120,9 @@ def distill_facts(d: dict) -> list[tuple[str, str]]:
              f" (ensemble of {d['teachers']})" if not of and (d.get("teachers") or 1) > 1 else "")
     out = [("teacher" + label, fmt(d.get("acc_teacher"), 4)),
            ("KD student", fmt(d.get("acc_kd"), 4)),
-           ("scratch student (same budget, no teacher)", fmt(d.get("acc_scratch"), 4)),
+           ("scratch student (same budget, no teacher)", fmt(d.get("acc_scratch"), 4) + (
+               " (collapsed: trained to chance on validation; without the teacher this budget did not train)"
+               if d.get("scratch_collapsed") else "")),
            ("gap closed (KD - scratch) / (teacher - scratch)",
             fmt(gap, 2) if gap is not None else "undefined: the scratch student is at least as accurate as the "
                                                  "teacher")]

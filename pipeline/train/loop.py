@@ -248,10 +248,19 @@ def fit(model: nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: TrainC
     if log and rank == 0:
         log(f"  {desc}: {done['epochs_run']} epochs, best val acc {done['best_val_acc']:.4f}")
     if cfg.epochs and done["best_val_acc"] <= keeper.chance + 0.05:
-        raise StageError(f"{desc}: collapsed: best validation accuracy {done['best_val_acc']:.3f} is at chance "
-                         f"({keeper.chance:.3f}). This is a failed run, not a result: lower the LR, raise "
-                         f"warmup_epochs, or lower the temperature/alpha.")
+        raise Collapsed(f"{desc}: collapsed: best validation accuracy {done['best_val_acc']:.3f} is at chance "
+                        f"({keeper.chance:.3f}). This is a failed run, not a result: lower the LR, raise "
+                        f"warmup_epochs, or lower the temperature/alpha.", result=done)
     return done
+
+
+class Collapsed(StageError):
+    """fit() ended at chance. The model and `result` (fit's return value) are kept for a caller to whom that is
+    an answer, not a failure: the distill stage's scratch baseline."""
+
+    def __init__(self, message: str, result: dict):
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass

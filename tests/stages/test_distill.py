@@ -163,6 +163,34 @@ def test_each_method_trains_a_student_and_reports_the_gap(taught, method, over):
     assert accuracy(student, data.test) == pytest.approx(r["acc_kd"])
 
 
+@pytest.mark.parametrize("at_chance", ["student (scratch)", "student (hinton KD)"])
+def test_a_scratch_baseline_at_chance_is_reported_and_a_kd_student_at_chance_stops_the_stage(taught, monkeypatch,
+                                                                                             at_chance):
+    """The baseline is a reference: at chance it is a finding (the budget does not train without the teacher),
+    while the KD student is the deliverable. fit() really trains; the wrapper only declares the one fit at chance."""
+    from pipeline.report.build import distill_facts
+    from pipeline.train.loop import Collapsed
+    run_dir, inputs, _ = taught
+    real = distill.fit
+
+    def fit(*args, **kw):
+        result = real(*args, **kw)
+        if kw["desc"] == at_chance:
+            raise Collapsed(f"{at_chance}: collapsed: best validation accuracy 0.100 is at chance (0.100).", result)
+        return result
+    monkeypatch.setattr(distill, "fit", fit)
+    ctx = _ctx(run_dir, _recipe())
+    if at_chance == "student (hinton KD)":
+        with pytest.raises(StageError, match="hinton KD.*collapsed"):
+            distill.run(inputs, ctx.recipe.distill, ctx)
+        return
+    out = distill.run(inputs, ctx.recipe.distill, ctx)
+    r = ctx.results["distill"]
+    assert set(out) == {"student.pt", "student-scratch.pt"} and r["scratch_collapsed"] is True
+    assert r["acc_scratch"] is not None and r["acc_kd"] > 0.3
+    assert "collapsed" in dict(distill_facts(r))["scratch student (same budget, no teacher)"]
+
+
 def test_ensemble_without_extra_teachers_is_refused(taught):
     run_dir, inputs, _ = taught
     ctx = _ctx(run_dir, _recipe(distill={"method": "ensemble"}))
