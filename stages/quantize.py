@@ -21,7 +21,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, Field, model_validator
-from torch import nn
 
 from pipeline.artifacts import Artifact, Artifacts, files
 from pipeline.context import Context
@@ -412,7 +411,7 @@ def _qat(inputs: Artifacts, src: str, dst: Path, cfg: Config, s: dict, ctx: Cont
     same way as the source (methods, choice and fallback on validation, scored against the FP32 source)."""
     import onnx
 
-    from pipeline.train import models
+    from pipeline.train import models, qat
     from stages._common import load_teachers, torch2onnx
     # 1) the torch student behind the FP32 ONNX source, and the teacher
     pt = inputs[src].meta.get("source")
@@ -431,17 +430,15 @@ def _qat(inputs: Artifacts, src: str, dst: Path, cfg: Config, s: dict, ctx: Cont
         raise StageError(f"quantize.qat: {pt} cannot be traced by torch.fx to fold its BatchNorms "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); remove quantize.qat."
                          ) from e
-    wrapped = _fake_quantize(model, s)
+    wrapped = qat.wrap(model, s)
     # input ranges first, from the calibration images (what MinMax calibration sees): epoch 0 is then the PTQ model
-    model.eval()
-    for _, _, fq in wrapped:
-        fq.train()
-    with torch.no_grad():
-        model(torch.from_numpy(_calibration_images(ctx, cfg.calibration_samples, ctx.recipe.seed)))
+    qat.observe(model, wrapped, torch.from_numpy(_calibration_images(ctx, cfg.calibration_samples, ctx.recipe.seed)))
     # 3) KD fine-tuning, then the float weights (which now sit on the INT8 grid) exported and quantized
-    history, kept = _kd_finetune(model, teacher, ctx, cfg.qat)
-    for parent, name, fq in wrapped:
-        setattr(parent, name, fq.layer)
+    q, seed = cfg.qat, ctx.recipe.seed
+    history, kept = qat.kd_finetune(
+        model, teacher, lambda epoch: _train_batches(ctx, q.batch_size, seed + epoch), lambda m: _val_acc(m, ctx),
+        epochs=q.epochs, lr=q.lr, temperature=q.temperature, alpha=q.alpha, seed=seed, log=ctx.log)
+    qat.unwrap(wrapped)
     opset = next(o.version for o in onnx.load(str(ctx.path(src)), load_external_data=False).opset_import
                  if o.domain in ("", "ai.onnx"))
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".qat-") as tmp:
@@ -456,50 +453,6 @@ def _qat(inputs: Artifacts, src: str, dst: Path, cfg: Config, s: dict, ctx: Cont
     return info
 
 
-def _fake_quantize(model, s: dict) -> list[tuple[Any, str, Any]]:
-    """Wrap every Conv2d and Linear in place; returns (parent, attribute, wrapper) to unwrap after training."""
-    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if isinstance(child, (nn.Conv2d, nn.Linear))]
-    out = []
-    for parent, name, child in found:
-        fq = _FakeQuantLayer(child, s)
-        setattr(parent, name, fq)
-        out.append((parent, name, fq))
-    return out
-
-
-def _kd_finetune(model, teacher, ctx: Context, q: QAT) -> tuple[list[dict], int]:
-    """Hinton KD against the teacher with Adam; the fake-quantized model's validation accuracy is measured before
-    and after every epoch and the best weights are kept (the first of equals: the least fine-tuned), so QAT never
-    ends below where it started on validation. Returns the loss and val accuracy per epoch, and the epoch kept."""
-    import copy
-
-    from pipeline.train.kd import hinton
-    torch.manual_seed(ctx.recipe.seed)
-    opt = torch.optim.Adam(model.parameters(), lr=q.lr)
-    history = [{"epoch": 0, "val_acc": _val_acc(model, ctx)}]
-    best = (history[0]["val_acc"], 0, copy.deepcopy(model.state_dict()))
-    for epoch in range(1, q.epochs + 1):
-        model.train()
-        total, n = 0.0, 0
-        for x, y in _train_batches(ctx, q.batch_size, ctx.recipe.seed + epoch):
-            xb, yb = torch.from_numpy(x), torch.from_numpy(y)
-            with torch.no_grad():
-                t = teacher(xb)
-            loss = hinton(model(xb), t, yb, q.temperature, q.alpha).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total, n = total + loss.item() * len(xb), n + len(xb)
-        history.append({"epoch": epoch, "loss": total / max(n, 1), "val_acc": _val_acc(model, ctx)})
-        ctx.log(f"  qat epoch {epoch}/{q.epochs}: KD loss {history[-1]['loss']:.4f}, val acc (fake-quantized) "
-                f"{history[-1]['val_acc']:.4f}")
-        if history[-1]["val_acc"] > best[0]:
-            best = (history[-1]["val_acc"], epoch, copy.deepcopy(model.state_dict()))
-    model.load_state_dict(best[2])
-    return history, best[1]
-
-
 @torch.no_grad()
 def _val_acc(model, ctx: Context) -> float:
     model.eval()
@@ -508,48 +461,6 @@ def _val_acc(model, ctx: Context) -> float:
         hits += int((model(torch.from_numpy(x)).argmax(1).numpy() == y).sum())
         n += len(y)
     return hits / max(n, 1)
-
-
-class _FakeQuantLayer(nn.Module):
-    """A Conv2d or Linear run on INT8-rounded weights and inputs (torch.fake_quantize_*: straight-through
-    gradients). Weights: per output channel, symmetric, max|w|/qmax, as onnxruntime's QDQ quantizer does; inputs:
-    per tensor, over an EMA of batch min/max (what PyTorch's MovingAverageMinMaxObserver does)."""
-
-    def __init__(self, layer: nn.Module, s: dict, momentum: float = 0.01):
-        super().__init__()
-        self.layer, self.momentum = layer, momentum
-        self.w_qmax = 64 if s["reduce_range"] else 127  # reduce_range: 7-bit weights
-        self.signed, self.symmetric = s["activation_type"] == "s8", s["symmetric_activations"]
-        self.register_buffer("lo", torch.tensor(0.0))
-        self.register_buffer("hi", torch.tensor(0.0))
-        self.seen = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            with torch.no_grad():
-                m = self.momentum if self.seen else 1.0
-                self.lo.mul_(1 - m).add_(m * x.min().clamp(max=0))
-                self.hi.mul_(1 - m).add_(m * x.max().clamp(min=0))
-                self.seen = True
-        w = self.layer.weight
-        scale = (w.detach().abs().flatten(1).amax(1) / self.w_qmax).clamp(min=1e-12)
-        w = torch.fake_quantize_per_channel_affine(w, scale, torch.zeros_like(scale, dtype=torch.int32), 0,
-                                                   -self.w_qmax, self.w_qmax)
-        x = self._fake_quantize_input(x)
-        if isinstance(self.layer, nn.Conv2d):
-            return self.layer._conv_forward(x, w, self.layer.bias)
-        return nn.functional.linear(x, w, self.layer.bias)
-
-    def _fake_quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.symmetric:  # zero-point 0 (S8) or 128 (U8), the range symmetric around 0
-            qmin, qmax = (-127, 127) if self.signed else (0, 255)
-            scale = (torch.maximum(-self.lo, self.hi) / 127).clamp(min=1e-12)
-            zero = torch.tensor(0 if self.signed else 128, dtype=torch.int32)
-        else:
-            qmin, qmax = (-128, 127) if self.signed else (0, 255)
-            scale = ((self.hi - self.lo) / 255).clamp(min=1e-12)
-            zero = (qmin - torch.round(self.lo / scale)).to(torch.int32)
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero, qmin, qmax)
 
 
 # ---------------------------------------------------------------- FP16

@@ -372,26 +372,6 @@ def test_one_method_or_a_list_not_both():
 
 
 # ---------------------------------------------------------------- QAT
-def test_fake_quantized_layer_rounds_weights_and_passes_gradients():
-    conv = nn.Conv2d(2, 3, 3)
-    s = {"reduce_range": False, "activation_type": "u8", "symmetric_activations": False}
-    fq = quantize._FakeQuantLayer(conv, s).train()
-    x = torch.randn(4, 2, 5, 5)
-    out = fq(x)
-    out.sum().backward()
-    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0  # straight-through estimator
-    w = conv.weight.detach()
-    scale = w.abs().flatten(1).amax(1) / 127
-    levels = (w / scale.view(-1, 1, 1, 1))
-    # the forward used weights on the INT8 grid: the same conv on rounded weights and inputs gives `out`
-    wq = torch.round(levels) * scale.view(-1, 1, 1, 1)
-    xs = (fq.hi - fq.lo) / 255
-    zp = torch.round(-fq.lo / xs)
-    xq = (torch.clamp(torch.round(x / xs) + zp, 0, 255) - zp) * xs
-    assert torch.allclose(out, F.conv2d(xq, wq, conv.bias), atol=1e-5)
-    assert not torch.allclose(out, conv(x), atol=1e-3)  # and that is not the float conv
-
-
 def test_qat_builds_an_int8_model_from_the_torch_student(source, tmp_path):
     from stages._common import model_artifact
     ctx, _ = _elsewhere(source, tmp_path)
