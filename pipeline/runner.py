@@ -69,6 +69,12 @@ def _key(name: str, cfg: Any, recipe: RecipeBase, profile: Profile, inputs: Arti
     if name in DISTRIBUTED_STAGES and nproc > 1:  # DDP results differ slightly from one process's
         payload["nproc"] = nproc
     payload["recipe"]["data"].pop("workers", None)  # how many processes decode changes no result
+    for dotted in getattr(stages.load(name), "NOT_READ", ()):
+        *parents, leaf = dotted.split(".")
+        node = payload["recipe"]
+        for k in parents:
+            node = node.get(k) or {}
+        node.pop(leaf, None)
     if recipe.tasks:  # only then: a single-task run keeps the keys it had before tasks existed
         payload["recipe"]["tasks"] = [t.model_dump(mode="json") for t in recipe.tasks]
     if getattr(stages.load(name), "USES_PROFILE", False):

@@ -20,6 +20,9 @@ from pipeline.train import models, tasks
 from pipeline.train.loop import TrainConfig, accuracy, fit, head_accuracy, seed_everything
 from stages._common import build_info, model_artifact, model_heads, train_augment
 
+# recipe settings this stage never reads, left out of its cache key: trying another student keeps the teacher
+NOT_READ = ("models.student",)
+
 
 class Config(TrainConfig):
     epochs: int = Field(30, ge=0, description="ignored when models.teacher.checkpoint is given")

@@ -145,6 +145,22 @@ def test_where_rows_are_measured_is_in_the_benchmark_stage_key(monkeypatch):
     assert _key("teacher", recipe.teacher, recipe, profile, {}) == _key("teacher", recipe.teacher, recipe, profile, {})
 
 
+def test_another_student_keeps_the_teacher_key_and_changes_the_distill_key():
+    """The teacher stage never reads models.student (stages/teacher.py NOT_READ): trying a student architecture
+    must not retrain the teacher; every other stage keeps the whole recipe's models in its key."""
+    from pipeline.runner import _key
+    profile = load_profile("edge-cpu")
+    a = fast_recipe(profile)
+    b = a.model_copy(update={"models": a.models.model_copy(update={
+        "student": a.models.student.model_copy(update={"arch": "cnn", "kwargs": {"channels": [4, 8]}})})})
+    teacher_changed = a.model_copy(update={"models": a.models.model_copy(update={
+        "teacher": a.models.teacher.model_copy(update={"kwargs": {"channels": [4, 8]}})})})
+    assert a.models.student != b.models.student
+    assert _key("teacher", a.teacher, a, profile, {}) == _key("teacher", b.teacher, b, profile, {})
+    assert _key("teacher", a.teacher, a, profile, {}) != _key("teacher", a.teacher, teacher_changed, profile, {})
+    assert _key("distill", a.distill, a, profile, {}) != _key("distill", b.distill, b, profile, {})
+
+
 def test_a_full_disk_is_one_sentence_and_recorded(tmp_path, monkeypatch):
     import errno
 
