@@ -361,7 +361,9 @@ def parse_recipe(path: Path, profile: Profile | None = None, sets: list[str] = (
         recipe = recipe_model().model_validate(data)
     except ValidationError as e:
         errors = e.errors()
-        mine = [x for x in errors if any(tuple(map(str, x["loc"][:len(p)])) == p for p in cli)]
+        # an error at or below a --set path is the command line's; so is an unknown key that --set created
+        mine = [x for x in errors if any(tuple(map(str, x["loc"][:len(p)])) == p or (
+            x["type"] == "extra_forbidden" and p[:len(x["loc"])] == tuple(map(str, x["loc"]))) for p in cli)]
         theirs = [x for x in errors if tuple(x["loc"][:2]) in overridden and x not in mine]
         ours = [x for x in errors if x not in theirs and x not in mine]
         parts = ([str(_explain("--set", mine))] if mine else []) + \

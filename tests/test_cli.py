@@ -85,7 +85,8 @@ def test_set_changes_one_run_of_the_default_recipe_from_the_cli(tmp_path):
 
 def test_a_bad_set_exits_2_naming_the_assignment_before_any_run(tmp_path):
     for sets, says in ((["distill.method=dk"], "--set: 1 invalid setting(s):\n  distill.method:"),
-                       (["distill.methd=dkd"], "distill.methd: unknown key"),
+                       (["distill.methd=dkd"], "--set: 1 invalid setting(s):\n  distill.methd: unknown key"),
+                       (["typo.deep.key=1"], "--set: 1 invalid setting(s):\n  typo: unknown key"),
                        (["distill"], "--set 'distill': expected KEY=VALUE"),
                        (["seed.x=1"], "seed is a int in the recipe, not a section")):
         res = runner.invoke(app, ["run", "--runs-dir", str(tmp_path), *(a for s in sets for a in ("--set", s))])
