@@ -41,7 +41,7 @@ def run(profile: Annotated[str, typer.Option(help="a name from profiles/ or a YA
         recipe: Annotated[Path, typer.Option(help="what to compress")] = DEFAULT_RECIPE,
         runs_dir: Annotated[Path, typer.Option(help="where run directories go")] = Path("runs"),
         resume: Annotated[bool, typer.Option(help="continue runs/latest, skipping unchanged stages")] = False,
-        nproc: Annotated[int, typer.Option(help="processes for teacher/distill training (torchrun, DDP)")] = 1,
+        nproc: Annotated[int, typer.Option(min=1, help="processes for teacher/distill training (torchrun, DDP)")] = 1,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help=SET_HELP)] = None,
         ) -> None:
     """Run every enabled stage and write runs/<id>/report.md."""

@@ -83,6 +83,13 @@ def test_set_changes_one_run_of_the_default_recipe_from_the_cli(tmp_path):
         assert 0 <= report["distill"]["acc_kd"] <= 1
 
 
+def test_nproc_below_one_is_refused_before_any_run(tmp_path):
+    for n in ("0", "-3"):
+        res = runner.invoke(app, ["run", "--runs-dir", str(tmp_path), "--nproc", n])
+        assert res.exit_code == 2 and "--nproc" in res.output and "Traceback" not in res.output
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_bad_set_exits_2_naming_the_assignment_before_any_run(tmp_path):
     for sets, says in ((["distill.method=dk"], "--set: 1 invalid setting(s):\n  distill.method:"),
                        (["distill.methd=dkd"], "--set: 1 invalid setting(s):\n  distill.methd: unknown key"),
