@@ -67,22 +67,32 @@ def ship(run_dir: Path, profile: Profile | str, out_dir: Path, to: str | None = 
     names = shipped_names(run_dir, report["recommended"]["artifact"], prof.target.tensorrt)
     name = re.sub(r"[^A-Za-z0-9._-]", "_", f"bundle-{report['recipe']['name']}-{report['run_id']}")  # a file name
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir}: is a file, not a directory. Give a directory for the bundle.")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out_dir}: cannot create it ({e.strerror}). Give a writable directory.") from None
     final = out_dir / f"{name}.tar.gz"
-    # 2) stage the folder   3) pack under a temporary name, then rename
-    with tempfile.TemporaryDirectory(prefix=".ship-", dir=out_dir) as tmp:
-        stage = Path(tmp) / name
-        _stage(stage, run_dir, report, prof, verdict, names)
-        part = out_dir / f".{final.name}.part-{os.getpid()}"
-        try:
-            _pack(stage, part, report.get("created"))
-            os.replace(part, final)
-        finally:
-            part.unlink(missing_ok=True)
-    # the archive's own sha256, beside it (`sha256sum -c` format): manifest.json cannot list its own checksum,
-    # so this is what catches an edit to it; verify reads it, send copies it
-    digest = sha256_file(final)
-    atomic_write_text(mf.digest_path(final), f"{digest}  {final.name}\n")
+    try:
+        # 2) stage the folder   3) pack under a temporary name, then rename
+        with tempfile.TemporaryDirectory(prefix=".ship-", dir=out_dir) as tmp:
+            stage = Path(tmp) / name
+            _stage(stage, run_dir, report, prof, verdict, names)
+            part = out_dir / f".{final.name}.part-{os.getpid()}"
+            try:
+                _pack(stage, part, report.get("created"))
+                os.replace(part, final)
+            finally:
+                part.unlink(missing_ok=True)
+        # the archive's own sha256, beside it (`sha256sum -c` format): manifest.json cannot list its own checksum,
+        # so this is what catches an edit to it; verify reads it, send copies it
+        digest = sha256_file(final)
+        atomic_write_text(mf.digest_path(final), f"{digest}  {final.name}\n")
+    except OSError as e:  # a full disk, a file gone from the run: no half-written bundle is left under its name
+        raise ShipError(f"writing the bundle in {out_dir} failed ({e.strerror or e}"
+                        f"{f': {e.filename}' if e.filename else ''}); nothing was shipped. Free space there or "
+                        f"give another --out, then ship again.") from None
     log(f"wrote {final} ({final.stat().st_size / 1024:.1f} KiB, sha256 {digest[:16]}…): {', '.join(names)}")
     # 4) to the device, verified there
     if to:

@@ -224,6 +224,17 @@ def test_cli_ship_and_parse_to(shippable, tmp_path):
     assert bad.exit_code == 3 and "[user@]host[:port]" in bad.stderr and not (tmp_path / "no").exists()
 
 
+def test_an_out_that_cannot_hold_a_bundle_exits_3_in_one_sentence(shippable, tmp_path):
+    run, prof, _ = shippable
+    (tmp_path / "a-file").write_text("not a folder")
+    for out, says in ((tmp_path / "a-file", "is a file, not a directory"),
+                      (Path("/proc/no-such-dir"), "cannot create it")):
+        res = cli.invoke(app, ["ship", str(run), "--profile", str(prof), "--out", str(out)])
+        assert res.exit_code == 3 and f"--out {out}: {says}" in res.stderr, res.output
+        assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
 def test_ship_to_a_device_over_ssh_verifies_there(shippable, sshd, tmp_path, monkeypatch):
     run, prof, _ = shippable
     monkeypatch.setenv("PIPELINE_DEVICE_KNOWN_HOSTS", str(sshd.known_hosts))
