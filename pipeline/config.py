@@ -22,7 +22,7 @@ RECIPES_DIR = ROOT / "recipes"
 DEFAULT_RECIPE = RECIPES_DIR / "digits.yaml"
 
 
-class Strict(BaseModel, extra="forbid"):
+class Strict(BaseModel, extra="forbid", allow_inf_nan=False):  # inf as a budget or a rate is a typo, not a setting
     pass
 
 

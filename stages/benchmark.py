@@ -27,7 +27,7 @@ TIMING_IMAGES = 64  # test images timing and throughput batches are tiled from (
 NOT_ON_TARGET = "not measured on the target: set PIPELINE_DEVICE to benchmark on the device"
 
 
-class Config(BaseModel, extra="forbid"):
+class Config(BaseModel, extra="forbid", allow_inf_nan=False):
     warmup: int = Field(20, ge=1, description="untimed runs first; the first one is reported as first_run_ms")
     min_runs: int = Field(200, ge=10, description="timed runs per session at least")
     min_duration_s: float = Field(1.0, ge=0, description="timed work per session at least")

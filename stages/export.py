@@ -13,7 +13,7 @@ from pipeline.train.loop import predict
 from stages._common import torch2onnx
 
 
-class Config(BaseModel, extra="forbid"):
+class Config(BaseModel, extra="forbid", allow_inf_nan=False):
     opset: int = Field(18, ge=18, description="pinned; the torch.export-based exporter starts at 18")
     atol: float = Field(1e-4, gt=0, description="max |torch - onnxruntime| allowed, on logits")
     rtol: float = Field(1e-3, ge=0)

@@ -12,7 +12,7 @@ from pipeline.report import build as rep
 USES_PROFILE = True
 
 
-class Config(BaseModel, extra="forbid"):
+class Config(BaseModel, extra="forbid", allow_inf_nan=False):
     html: bool = Field(True, description="also write report.html with embedded SVG plots")
 
 

@@ -52,6 +52,23 @@ def test_wrong_type_names_the_field(tmp_path):
         load_recipe(_write(tmp_path, "r.yaml", data))
 
 
+@pytest.mark.parametrize("section,key,value", [("teacher", "lr", float("inf")), ("distill", "temperature", float("nan")),
+                                               ("export", "atol", float("nan")), ("benchmark", "min_duration_s",
+                                                                                  float("inf"))])
+def test_a_non_finite_number_in_a_recipe_is_refused_naming_the_field(tmp_path, section, key, value):
+    data = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    data.setdefault(section, {})[key] = value  # YAML's .inf / .nan
+    with pytest.raises(ConfigError, match=rf"{section}.{key}: Input should be a finite number"):
+        load_recipe(_write(tmp_path, "r.yaml", data))
+
+
+def test_an_infinite_budget_in_a_profile_is_refused_naming_the_field(tmp_path):
+    data = yaml.safe_load(open("profiles/edge-cpu.yaml"))
+    data["budgets"]["max_size_mb"] = float("inf")  # no budget is null, not .inf
+    with pytest.raises(ConfigError, match=r"budgets.max_size_mb: Input should be a finite number"):
+        load_profile(_write(tmp_path, "inf.yaml", data))
+
+
 def test_missing_checkpoint_is_caught_before_the_run(tmp_path):
     data = yaml.safe_load(DEFAULT_RECIPE.read_text())
     data["models"]["teacher"]["checkpoint"] = "nowhere/teacher.pt"

@@ -33,7 +33,7 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.T
 SMALL_BATCH_MACS = 2e8
 
 
-class TrainConfig(BaseModel, extra="forbid"):
+class TrainConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     epochs: int = Field(30, ge=0, description="passes over the training split (early stopping may end sooner)")
     lr: float = Field(3e-3, gt=0, description="peak learning rate, reached after warm-up")
     batch_size: int = Field(64, gt=0, description="global batch; under torchrun each rank takes 1/world of it")
