@@ -57,7 +57,7 @@ def main(profile: Annotated[str, typer.Option(help="a name from profiles/ or a Y
     try:
         prof = load_profile(profile)
         rec = load_recipe(recipe, prof)
-        run = run or _run_through_export(rec, prof, recipe, runs_dir)
+        run = run.resolve() if run else _run_through_export(rec, prof, recipe, runs_dir)  # runs/latest: its real id
         result = bench(Path(run), rec, prof, source, qat_epochs, qat_lr)
     except (ConfigError, StageError) as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False)

@@ -77,3 +77,25 @@ def test_bench_quant_picks_on_validation_and_needs_minmax_to_lose_a_point():
     t = _score(Path("r"), _quant_rows([0.98, 0.975, 0.978, 0.98], [0.97, 0.96, 0.975, 0.97], [3.0, 1.0, 1.0, 1.0]),
                rec, prof)["target"]
     assert not t["applies"] and not t["met"]
+
+
+@pytest.mark.slow
+def test_bench_quant_on_a_real_run_named_through_runs_latest_writes_its_real_id(real_run, tmp_path):
+    """The whole bench on the default run's student: every row built by the quantize stage, timed, scored; a
+    --run given as a link (runs/latest) is the run it points at, in the JSON's name and run_id."""
+    from typer.testing import CliRunner
+
+    from pipeline.config import DEFAULT_RECIPE
+    from scripts.bench_quant import app
+    import shutil
+    run = tmp_path / real_run.name  # a copy: the bench writes <run>/bench-quant/, and real_run is shared
+    shutil.copytree(real_run, run, symlinks=True)
+    link = tmp_path / "latest"
+    link.symlink_to(run)
+    res = CliRunner().invoke(app, ["--recipe", str(DEFAULT_RECIPE), "--run", str(link), "--source", "student.onnx",
+                                   "--qat-epochs", "0", "--out-dir", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "out" / f"quant-{run.name}.json").read_text())
+    assert result["run_id"] == run.name and (run / "bench-quant" / "minmax").is_dir()
+    assert [r["row"] for r in result["rows"]] == ["FP32", "minmax", "best calibration", "+ exclusion"]
+    assert all(r["p50_ms"] > 0 for r in result["rows"]) and result["target"]["applies"] in (True, False)
