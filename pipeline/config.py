@@ -10,20 +10,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, Field, PrivateAttr, ValidationError, create_model, field_validator,
-                      model_validator)
+from pydantic import AfterValidator, Field, PrivateAttr, ValidationError, create_model, field_validator, model_validator
 
 import stages
 from pipeline.errors import ConfigError, first_line
+from pipeline.settings import Strict
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = ROOT / "profiles"
 RECIPES_DIR = ROOT / "recipes"
 DEFAULT_RECIPE = RECIPES_DIR / "digits.yaml"
-
-
-class Strict(BaseModel, extra="forbid", allow_inf_nan=False):  # inf as a budget or a rate is a typo, not a setting
-    pass
 
 
 def _file_name(value: str) -> str:

@@ -10,7 +10,7 @@ import os
 from dataclasses import asdict
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from pipeline.artifacts import Artifact, Artifacts, atomic_write_text
 from pipeline.config import Target
@@ -20,6 +20,7 @@ from pipeline.device import envinfo, trtbench
 from pipeline.device.measure import BenchSettings, ModelEntry, measure, meter_kinds, task_columns
 from pipeline.device.ortbench import CPU, head_outputs, logits, open_session
 from pipeline.report import estimate
+from pipeline.settings import Strict
 from pipeline.train.data import Split
 
 USES_PROFILE = True
@@ -27,7 +28,7 @@ TIMING_IMAGES = 64  # test images timing and throughput batches are tiled from (
 NOT_ON_TARGET = "not measured on the target: set PIPELINE_DEVICE to benchmark on the device"
 
 
-class Config(BaseModel, extra="forbid", allow_inf_nan=False):
+class Config(Strict):
     warmup: int = Field(20, ge=1, description="untimed runs first; the first one is reported as first_run_ms")
     min_runs: int = Field(200, ge=10, description="timed runs per session at least")
     min_duration_s: float = Field(1.0, ge=0, description="timed work per session at least")

@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from pipeline.artifacts import Artifact, Artifacts
 from pipeline.context import Context
 from pipeline.device.ortbench import CPU, head_outputs, open_session
 from pipeline.errors import StageError
+from pipeline.settings import Strict
 from pipeline.train import models, tasks
 from pipeline.train.loop import predict
 from stages._common import torch2onnx
 
 
-class Config(BaseModel, extra="forbid", allow_inf_nan=False):
+class Config(Strict):
     opset: int = Field(18, ge=18, description="pinned; the torch.export-based exporter starts at 18")
     atol: float = Field(1e-4, gt=0, description="max |torch - onnxruntime| allowed, on logits")
     rtol: float = Field(1e-3, ge=0)

@@ -20,11 +20,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
 from pipeline.artifacts import Artifact, Artifacts, files
 from pipeline.context import Context
 from pipeline.errors import StageError
+from pipeline.settings import Strict
 
 USES_PROFILE = True
 
@@ -44,7 +45,7 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the nodes sensitiv
 Method = Literal["minmax", "entropy", "percentile"]
 
 
-class QAT(BaseModel, extra="forbid", allow_inf_nan=False):
+class QAT(Strict):
     epochs: int = Field(3, gt=0, description="fine-tuning passes over the training split with fake quantization")
     lr: float = Field(1e-4, gt=0, description="Adam learning rate: small, the weights only adapt to the INT8 grid")
     temperature: float = Field(4.0, gt=0, description="KD temperature against the teacher")
@@ -52,7 +53,7 @@ class QAT(BaseModel, extra="forbid", allow_inf_nan=False):
     batch_size: int = Field(64, gt=0, description="images per step")
 
 
-class Config(BaseModel, extra="forbid", allow_inf_nan=False):
+class Config(Strict):
     enabled: bool = Field(False, description="off unless the recipe or profile asks for it")
     preset: Literal["ort-cpu", "tensorrt"] = Field("ort-cpu", description="INT8 layout for the runtime; the "
                                                                          "profile's overrides choose it")

@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import json
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from pipeline.artifacts import Artifact, Artifacts, atomic_write_text
 from pipeline.context import Context
 from pipeline.report import build as rep
+from pipeline.settings import Strict
 
 USES_PROFILE = True
 
 
-class Config(BaseModel, extra="forbid", allow_inf_nan=False):
+class Config(Strict):
     html: bool = Field(True, description="also write report.html with embedded SVG plots")
 
 

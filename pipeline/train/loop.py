@@ -15,11 +15,12 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 from torch import nn
 
 from pipeline.artifacts import atomic_target
 from pipeline.errors import StageError
+from pipeline.settings import Strict
 from pipeline.train import tasks
 from pipeline.train.data import Split
 
@@ -33,7 +34,7 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.T
 SMALL_BATCH_MACS = 2e8
 
 
-class TrainConfig(BaseModel, extra="forbid", allow_inf_nan=False):
+class TrainConfig(Strict):
     epochs: int = Field(30, ge=0, description="passes over the training split (early stopping may end sooner)")
     lr: float = Field(3e-3, gt=0, description="peak learning rate, reached after warm-up")
     batch_size: int = Field(64, gt=0, description="global batch; under torchrun each rank takes 1/world of it")
