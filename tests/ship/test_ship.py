@@ -21,7 +21,7 @@ from pipeline.config import load_profile
 from pipeline.device import manifest as mf
 from pipeline.errors import ConfigError
 from pipeline.ship import bundle as ship_mod
-from pipeline.ship.bundle import shipped_names, parse_to, ship, verify
+from pipeline.ship.bundle import ShipError, parse_to, ship, shipped_names, verify
 from tests.report.test_gate import LOOSE, profile_file, rerun
 
 cli = CliRunner()
@@ -180,8 +180,8 @@ def test_an_interrupted_ship_leaves_no_partial_bundle(shippable, tmp_path, monke
             raise OSError("disk full")
         return real_add(self, *args, **kwargs)
     monkeypatch.setattr(tarfile.TarFile, "add", add_then_die)
-    with pytest.raises(OSError, match="disk full"):
-        ship(run, str(prof), out)
+    with pytest.raises(ShipError, match=r"writing the bundle in .*dist failed \(disk full\); nothing was shipped"):
+        ship(run, str(prof), out)  # a ShipError: the CLI's exit 1 and one paragraph, not an OSError traceback
     assert len(calls) == 5, "the failure must come mid-way through the archive"
     assert old.read_bytes() == b"the previous bundle"
     assert sorted(p.name for p in out.iterdir()) == [old.name], "no temporary file or folder may remain"
