@@ -85,14 +85,14 @@ def test_bench_quant_on_a_real_run_named_through_runs_latest_writes_its_real_id(
     --run given as a link (runs/latest) is the run it points at, in the JSON's name and run_id."""
     from typer.testing import CliRunner
 
-    from pipeline.config import DEFAULT_RECIPE
     from scripts.bench_quant import app
     import shutil
     run = tmp_path / real_run.name  # a copy: the bench writes <run>/bench-quant/, and real_run is shared
     shutil.copytree(real_run, run, symlinks=True)
     link = tmp_path / "latest"
     link.symlink_to(run)
-    res = CliRunner().invoke(app, ["--recipe", str(DEFAULT_RECIPE), "--run", str(link), "--source", "student.onnx",
+    # the run's own recipe.json: the default recipe with the tests' short benchmark (tests/conftest.py FAST)
+    res = CliRunner().invoke(app, ["--recipe", str(run / "recipe.json"), "--run", str(link), "--source", "student.onnx",
                                    "--qat-epochs", "0", "--out-dir", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     result = json.loads((tmp_path / "out" / f"quant-{run.name}.json").read_text())
