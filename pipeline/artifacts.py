@@ -140,3 +140,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def make_output_dir(path: Path, option: str) -> None:
+    """Create the directory a command-line option names for its outputs (--runs-dir, --out); ConfigError in one
+    sentence when it is a file or cannot be created."""
+    from pipeline.errors import ConfigError
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path}: is a file, not a directory. Give a directory (it is created when "
+                          f"missing).")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: cannot create it ({e.strerror}). Give a writable directory.") from None

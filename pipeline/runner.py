@@ -22,7 +22,7 @@ from typing import Any
 from rich.console import Console
 
 import stages
-from pipeline.artifacts import Artifact, Artifacts, atomic_write_text, fingerprint
+from pipeline.artifacts import Artifact, Artifacts, atomic_write_text, fingerprint, make_output_dir
 from pipeline.config import Profile, RecipeBase
 from pipeline.context import Context
 from pipeline.errors import ConfigError, StageError
@@ -234,13 +234,7 @@ def _disk_full(e: OSError, run_dir: Path) -> StageError:
 def run_pipeline(recipe: RecipeBase, profile: Profile, *, recipe_path: Path, runs_dir: Path = Path("runs"),
                  resume: bool = False, console: Console | None = None, debug: bool = False,
                  nproc: int = 1) -> Path:
-    if runs_dir.exists() and not runs_dir.is_dir():
-        raise ConfigError(f"--runs-dir {runs_dir}: is a file, not a directory. Give a directory (it is created "
-                          f"when missing).")
-    try:
-        runs_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--runs-dir {runs_dir}: cannot create it ({e.strerror}). Give a writable directory.") from None
+    make_output_dir(runs_dir, "--runs-dir")
     run_dir = latest_run(runs_dir) if resume else new_run_dir(runs_dir, profile, recipe)
     point_latest(runs_dir, run_dir)
     Runner(run_dir, recipe, profile, recipe_path=recipe_path, console=console, debug=debug,

@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from pipeline.artifacts import atomic_write_text, files
+from pipeline.artifacts import atomic_write_text, files, make_output_dir
 from pipeline.config import DataConfig, Profile, load_profile
 from pipeline.device import manifest as mf
 from pipeline.device.hashing import sha256_file
@@ -67,12 +67,7 @@ def ship(run_dir: Path, profile: Profile | str, out_dir: Path, to: str | None = 
     names = shipped_names(run_dir, report["recommended"]["artifact"], prof.target.tensorrt)
     name = re.sub(r"[^A-Za-z0-9._-]", "_", f"bundle-{report['recipe']['name']}-{report['run_id']}")  # a file name
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir}: is a file, not a directory. Give a directory for the bundle.")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {out_dir}: cannot create it ({e.strerror}). Give a writable directory.") from None
+    make_output_dir(out_dir, "--out")
     final = out_dir / f"{name}.tar.gz"
     try:
         # 2) stage the folder   3) pack under a temporary name, then rename
