@@ -43,9 +43,16 @@ def test_make_data_refuses_a_folder_it_did_not_write(tmp_path):
     assert (tmp_path / "mine" / "photo.png").exists()
 
 
-def test_pairs_are_100_classes_of_two_digits_side_by_side(tmp_path):
-    root = tmp_path / "pairs"
-    assert write_pairs32(root) == "written"
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> tuple[Path, str]:
+    """pairs32 drawn once for this module (6,000 PNGs): (root, what write_pairs32 said)."""
+    root = tmp_path_factory.mktemp("pairs") / "pairs"
+    return root, write_pairs32(root)
+
+
+def test_pairs_are_100_classes_of_two_digits_side_by_side(pairs):
+    root, said = pairs
+    assert said == "written"
     for part in ("train", "test"):
         classes = sorted(c.name for c in (root / part).iterdir())
         assert classes == [f"{c:02d}" for c in range(100)]
@@ -67,7 +74,7 @@ def test_the_command_line_writes_a_kind_and_refuses_an_unknown_one(tmp_path):
     assert bad.returncode != 0 and "usage" in bad.stderr and not (tmp_path / "c").exists()
 
 
-def test_the_digit_pairs_recipe_points_at_pairs32_and_checks_out(tmp_path):
+def test_the_digit_pairs_recipe_points_at_pairs32_and_checks_out(pairs, tmp_path):
     """recipes/digit-pairs-32.yaml reads where the README's command writes, and its models give 100 scores."""
     import yaml
     from typer.testing import CliRunner
@@ -76,8 +83,7 @@ def test_the_digit_pairs_recipe_points_at_pairs32_and_checks_out(tmp_path):
     from pipeline.config import RECIPES_DIR
     recipe = yaml.safe_load((RECIPES_DIR / "digit-pairs-32.yaml").read_text())
     assert recipe["data"]["root"] == "../runs/digit-pairs-32"
-    write_pairs32(tmp_path / "pairs")
-    recipe["data"]["root"] = str(tmp_path / "pairs")
+    recipe["data"]["root"] = str(pairs[0])
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     res = CliRunner().invoke(app, ["check", "--recipe", str(tmp_path / "recipe.yaml")], env={"PIPELINE_DEVICE": ""})
     assert res.exit_code == 0, res.stdout
